@@ -21,6 +21,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from scalelong.errors import ConfigError
+
 __all__ = [
     "SkipCoefficient",
     "SkipScaling",
@@ -42,7 +44,7 @@ __all__ = [
 LAYOUTS = ("tokens", "channels")
 
 
-class ScalingConfigError(ValueError):
+class ScalingConfigError(ConfigError):
     """A strategy was asked for with a name or option that cannot work."""
 
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
+from scalelong.errors import ConfigError
 from scalelong.scaling import SkipScaling, build_skip_scaling
 
 __all__ = ["UViT", "UVIT_PRESETS", "uvit_from_preset", "timestep_embedding", "convert_official_uvit_state_dict"]
@@ -61,7 +62,7 @@ class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, qk_scale: float | None = None):
         super().__init__()
         if dim % num_heads:
-            raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
+            raise ConfigError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.scale = qk_scale  # None: SDPA's default 1/sqrt(head_dim), as the official model
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
@@ -160,12 +161,12 @@ class UViT(nn.Module):
     ):
         super().__init__()
         if img_size % patch_size:
-            raise ValueError(
+            raise ConfigError(
                 f"img_size {img_size} is not divisible by patch_size {patch_size}; "
                 "choose a patch size that divides the image size"
             )
         if num_classes > 0 and context_dim:
-            raise ValueError("a U-ViT takes either a class label (num_classes) or text context, not both")
+            raise ConfigError("a U-ViT takes either a class label (num_classes) or text context, not both")
         # Build the strategy first: a bad name or kappa fails before any large allocation.
         strategy = build_skip_scaling(scaling)
 
@@ -287,7 +288,7 @@ UVIT_PRESETS: dict[str, dict[str, Any]] = {
 def uvit_from_preset(name: str, **overrides: Any) -> UViT:
     """Build a named preset; keyword arguments override its settings (for example ``scaling``)."""
     if name not in UVIT_PRESETS:
-        raise ValueError(f"unknown U-ViT preset {name!r}; valid presets: {', '.join(UVIT_PRESETS)}")
+        raise ConfigError(f"unknown U-ViT preset {name!r}; valid presets: {', '.join(UVIT_PRESETS)}")
     return UViT(**{**UVIT_PRESETS[name], **overrides})
 
 

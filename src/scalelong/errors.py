@@ -1,0 +1,13 @@
+"""Errors that mean "the user asked for something that cannot work" (not a bug in this code).
+
+Entry points catch ``ConfigError`` and print its message as one line (exit status 2), instead
+of a traceback; every message names the problem and the fix.
+"""
+
+
+class ConfigError(ValueError):
+    """A bad option, name or value in the configuration or the command line."""
+
+
+class DataError(ConfigError):
+    """Missing, corrupt or mis-shaped input data (data sets, checkpoints, weights)."""
