@@ -1,0 +1,55 @@
+"""Diffusion core: VP-SDE schedules, the epsilon-prediction loss, classifier-free guidance and samplers.
+
+    sde = get_sde("linear")                                   # or "cosine"
+    loss = noise_prediction_loss(net, x0, sde, {"y": labels})
+    eps_fn = NoisePredictor(net, {"y": y}, {"y": null_y}, guidance_scale=w)
+    images = sample(eps_fn, sde, (B, C, H, W), sampler="dpm_solver", steps=50)
+"""
+
+from .samplers import (
+    SAMPLERS,
+    dpm_solver,
+    dpm_solver_fast_orders,
+    dpm_solver_pp,
+    euler_maruyama,
+    euler_ode,
+    logsnr_time_grid,
+    register_sampler,
+    sample,
+)
+from .sde import (
+    SDES,
+    TIME_INPUT_SCALE,
+    TRAIN_T_EPS,
+    CosineVPSDE,
+    EpsFn,
+    LinearVPSDE,
+    NoisePredictor,
+    VPSchedule,
+    get_sde,
+    noise_prediction_loss,
+    register_sde,
+)
+
+__all__ = [
+    "SAMPLERS",
+    "SDES",
+    "TIME_INPUT_SCALE",
+    "TRAIN_T_EPS",
+    "CosineVPSDE",
+    "EpsFn",
+    "LinearVPSDE",
+    "NoisePredictor",
+    "VPSchedule",
+    "dpm_solver",
+    "dpm_solver_fast_orders",
+    "dpm_solver_pp",
+    "euler_maruyama",
+    "euler_ode",
+    "get_sde",
+    "logsnr_time_grid",
+    "noise_prediction_loss",
+    "register_sampler",
+    "register_sde",
+    "sample",
+]
