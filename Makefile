@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test clean
+.PHONY: install test quickstart clean
 
 install: $(STAMP)
 
@@ -18,3 +18,6 @@ test: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info src/*.egg-info
+
+quickstart: install
+	$(PY) train.py

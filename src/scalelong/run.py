@@ -1,0 +1,123 @@
+"""Compose the parts of a training run from one resolved configuration and run it.
+
+``train.py`` at the repository root hands Hydra's config to ``train``; tests call ``train``
+with configs composed through Hydra's compose API.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from scalelong.config import resolve_resume, to_plain, validate
+from scalelong.data.module import DiffusionDataModule
+from scalelong.io import write_text
+from scalelong.training.callbacks import PeriodicCheckpoint, ProgressPrinter, SampleGrid
+from scalelong.training.checkpoint_io import AtomicCheckpointIO
+from scalelong.training.module import DiffusionModule
+
+
+def build_loggers(config: Mapping[str, Any], run_dir: Path) -> list:
+    from pytorch_lightning.loggers import CSVLogger
+
+    cfg = config.get("logger") or {}
+    loggers = []
+    if cfg.get("csv"):
+        # csv/version_K/metrics.csv: a resumed run opens a new version instead of overwriting.
+        loggers.append(CSVLogger(save_dir=str(run_dir), name="csv"))
+    wandb_cfg = cfg.get("wandb")
+    if wandb_cfg:
+        logger = _wandb_logger(wandb_cfg, config, run_dir)
+        if logger is not None:
+            loggers.append(logger)
+    return loggers
+
+
+def _wandb_logger(wandb_cfg: Mapping[str, Any], config: Mapping[str, Any], run_dir: Path):
+    from pytorch_lightning.loggers import WandbLogger
+
+    # One W&B run per run folder: a resumed run keeps its id and continues the same W&B run.
+    id_file = run_dir / "wandb_id.txt"
+    run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
+    if not id_file.is_file() and pl.utilities.rank_zero_only.rank == 0:
+        write_text(id_file, run_id + "\n")
+    # Offline unless asked otherwise, so a run never waits on the network; WANDB_MODE wins.
+    mode = os.environ.get("WANDB_MODE") or ("offline" if wandb_cfg.get("offline", True) else "online")
+    try:
+        return WandbLogger(
+            project=wandb_cfg.get("project", "scalelong"), entity=wandb_cfg.get("entity"),
+            group=wandb_cfg.get("group"), tags=list(wandb_cfg.get("tags") or []),
+            name=run_dir.name, id=run_id, resume="allow", save_dir=str(run_dir), mode=mode,
+            config=config,
+        )
+    except Exception as err:  # a logging problem must never stop training
+        warnings.warn(f"W&B logger disabled ({type(err).__name__}: {err}); metrics still go to metrics.csv")
+        return None
+
+
+# The EMA copy is kept in eval mode on purpose (no dropout in the average's samples).
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+
+
+def build_extra_callbacks(spec: Mapping[str, Any] | None) -> list[pl.Callback]:
+    """Instantiate the ``callbacks`` config group: ``{name: {_target_: ..., **kwargs}}``."""
+    from hydra.utils import instantiate
+
+    return [instantiate(c) for c in (spec or {}).values() if c]
+
+
+def build_trainer(config: Mapping[str, Any], run_dir: Path, callbacks: list) -> pl.Trainer:
+    t = dict(config["trainer"])
+    return pl.Trainer(
+        accelerator=t.get("accelerator", "auto"), devices=t.get("devices", 1), num_nodes=t.get("num_nodes", 1),
+        strategy=t.get("strategy", "auto"), precision=t.get("precision", "32-true"),
+        max_steps=int(config["train"]["max_steps"]), max_epochs=-1,
+        log_every_n_steps=int(t.get("log_every_n_steps", 50)),
+        logger=build_loggers(config, run_dir) or False,
+        callbacks=callbacks, plugins=[AtomicCheckpointIO()],
+        default_root_dir=str(run_dir),
+        enable_checkpointing=False,  # PeriodicCheckpoint does it
+        enable_progress_bar=False,  # ProgressPrinter does it
+        enable_model_summary=bool(t.get("enable_model_summary", True)),
+        use_distributed_sampler=False,  # StepBatchSampler shards the data itself
+        limit_val_batches=0, num_sanity_val_steps=0,
+        deterministic=bool(t.get("deterministic", False)),
+    )
+
+
+def train(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
+    """Train as ``cfg`` says; return the run folder, the last checkpoint and the final metrics."""
+    config = to_plain(cfg)
+    validate(config)
+    ckpt_path = resolve_resume(config)
+    run_dir = Path(config["resume"] or config["run_dir"])
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    torch.manual_seed(int(config["seed"]))  # the initial weights
+    module = DiffusionModule(config)
+    data = DiffusionDataModule(config["dataset"], int(config["train"]["batch_size"]), int(config["seed"]),
+                               num_workers=int(config["train"].get("num_workers", 0)))
+    s, c = config["sample"], config["checkpoint"]
+    checkpoints = PeriodicCheckpoint(run_dir / "checkpoints", c["every_n_steps"], c.get("keep_every_n_steps"))
+    grids = SampleGrid(run_dir / "samples", s["every_n_steps"], s["num"], s["sampler"], s["steps"], s["seed"])
+    callbacks = [ProgressPrinter(config["trainer"].get("log_every_n_steps", 50)), grids, checkpoints,
+                 *build_extra_callbacks(config.get("callbacks"))]
+    trainer = build_trainer(config, run_dir, callbacks)
+    if trainer.is_global_zero:
+        write_text(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(config)))
+
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    for logger in trainer.loggers:
+        logger.finalize("success")
+    return {"run_dir": run_dir, "checkpoint": checkpoints.last_path, "samples": grids.last_path,
+            "metrics": metrics, "trainer": trainer, "module": module}

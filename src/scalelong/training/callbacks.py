@@ -1,0 +1,115 @@
+"""Callbacks of a training run: progress lines, sample grids, periodic checkpoints."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytorch_lightning as pl
+from pytorch_lightning.loggers import WandbLogger
+from pytorch_lightning.utilities import rank_zero_only
+
+from scalelong.io import save_image_grid, write_bytes
+
+
+class ProgressPrinter(pl.Callback):
+    """One line every ``every_n_steps``: step, loss, images per second, time left.
+
+    Plain lines instead of a progress bar read well in log files and SLURM output.
+    """
+
+    def __init__(self, every_n_steps: int = 50):
+        self.every = max(1, int(every_n_steps))
+        self._t0 = self._s0 = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._t0, self._s0 = time.perf_counter(), trainer.global_step
+
+    @rank_zero_only
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step % self.every and step != trainer.max_steps:
+            return
+        elapsed = time.perf_counter() - self._t0
+        done = step - self._s0
+        rate = done / elapsed if elapsed > 0 else 0.0
+        images = rate * batch["images"].shape[0] * trainer.world_size
+        left = (trainer.max_steps - step) / rate if rate > 0 else float("nan")
+        loss = trainer.callback_metrics.get("train/loss")
+        loss_s = f"{float(loss):.4f}" if loss is not None else "-"
+        print(f"step {step}/{trainer.max_steps}  loss {loss_s}  {images:.1f} img/s  "
+              f"elapsed {elapsed:.0f}s  left {left:.0f}s", flush=True)
+
+
+class SampleGrid(pl.Callback):
+    """Every ``every_n_steps`` (and at the end), a grid of EMA samples saved as a PNG.
+
+    The initial noise is the same every time (``seed``), so successive grids show how the same
+    samples evolve during training. Files: ``<dirpath>/step_0001000.png``; the last one is also
+    copied to ``<dirpath>/final.png`` at the end of training.
+    """
+
+    def __init__(self, dirpath: str | Path, every_n_steps: int, num: int = 100, sampler: str = "euler_ode",
+                 steps: int = 50, seed: int = 0):
+        self.dirpath = Path(dirpath)
+        self.every = int(every_n_steps)
+        self.num, self.sampler, self.steps, self.seed = int(num), sampler, int(steps), int(seed)
+        self.last_path: Path | None = None
+        self._last_step = -1
+
+    def _save(self, trainer, pl_module, name: str) -> Path:
+        images = pl_module.generate(self.num, self.sampler, self.steps, seed=self.seed)
+        path = save_image_grid(images, self.dirpath / name)
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_image("samples/grid", [str(path)], step=trainer.global_step)
+        return path
+
+    @rank_zero_only
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every > 0 and step % self.every == 0:
+            self.last_path = self._save(trainer, pl_module, f"step_{step:07d}.png")
+            self._last_step = step
+
+    @rank_zero_only
+    def on_train_end(self, trainer, pl_module) -> None:
+        final = self.dirpath / "final.png"
+        if self._last_step == trainer.global_step and self.last_path is not None:
+            write_bytes(final, self.last_path.read_bytes())  # the same weights: no need to sample again
+        else:
+            self._save(trainer, pl_module, final.name)
+        self.last_path = final
+
+
+class PeriodicCheckpoint(pl.Callback):
+    """Saves ``last.ckpt`` every ``every_n_steps`` and at the end of training; with
+    ``keep_every_n_steps``, also a numbered ``step_0050000.ckpt`` that is never overwritten.
+
+    Writes are atomic (see ``AtomicCheckpointIO``): a kill during a save keeps the previous file.
+    """
+
+    def __init__(self, dirpath: str | Path, every_n_steps: int, keep_every_n_steps: int | None = None):
+        self.dirpath = Path(dirpath)
+        self.every = int(every_n_steps)
+        self.keep_every = int(keep_every_n_steps) if keep_every_n_steps else 0
+        self._saved_step = -1
+
+    @property
+    def last_path(self) -> Path:
+        return self.dirpath / "last.ckpt"
+
+    def _save_last(self, trainer) -> None:
+        trainer.save_checkpoint(self.last_path)
+        self._saved_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.keep_every and step % self.keep_every == 0:
+            trainer.save_checkpoint(self.dirpath / f"step_{step:07d}.ckpt")
+        if self.every > 0 and step % self.every == 0:
+            self._save_last(trainer)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self._saved_step != trainer.global_step:
+            self._save_last(trainer)

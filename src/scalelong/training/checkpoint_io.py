@@ -1,0 +1,20 @@
+"""Lightning checkpoint I/O that never leaves a truncated checkpoint behind."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from pytorch_lightning.plugins.io import TorchCheckpointIO
+
+from scalelong.io import atomic_write
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``torch.save`` into a temporary file, then rename it over the old checkpoint."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options")
+        with atomic_write(path) as f:
+            torch.save(checkpoint, f)
