@@ -3,7 +3,9 @@ half-written run folders."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,55 @@ def _remove_if_untouched(run_dir: Path) -> None:
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
+class JobFailed(RuntimeError):
+    """One job of a sweep failed; Hydra records it and goes on with the other jobs."""
+
+
+def _sweep_job_needs_own_processes(config: dict) -> bool:
+    """True for a job of a local multirun sweep that trains on several processes.
+
+    Lightning starts ranks 1..W-1 by re-running the command line; inside a sweep that command
+    line is the whole sweep, so each extra rank would run every job. Such a job therefore runs
+    as a fresh single-run process of its own (whose extra ranks re-run just that job), and the
+    sweep only waits for it: a failing or crashing job ends its own processes, not the sweep.
+    Jobs that a cluster launcher already started (SLURM, torchrun) are left alone.
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from scalelong.config import world_size
+
+    hc = HydraConfig.get()
+    if hc.mode != RunMode.MULTIRUN or world_size(config["trainer"]) <= 1:
+        return False
+    launched_externally = any(v in os.environ for v in ("SLURM_PROCID", "TORCHELASTIC_RUN_ID", "LOCAL_RANK"))
+    return not launched_externally and "BasicLauncher" in str(hc.launcher.get("_target_", ""))
+
+
+def _run_job_in_own_process() -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    hc = HydraConfig.get()
+    job_dir = hc.runtime.output_dir
+    # The job's own overrides (this point of the sweep), in single-run mode, in the job's folder.
+    command = [sys.executable, os.path.abspath(sys.argv[0]), *hc.overrides.task,
+               f'hydra.run.dir="{job_dir}"', "hydra.output_subdir=null"]
+    code = subprocess.call(command, cwd=hc.runtime.cwd)
+    if code != 0:
+        raise JobFailed(f"job {hc.job.num} ({', '.join(hc.overrides.task)}) exited with status {code}; "
+                        f"see {job_dir}")
+
+
+def _in_multirun() -> bool:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        return HydraConfig.get().mode == RunMode.MULTIRUN
+    except Exception:
+        return False
+
+
 def run_training(cfg: DictConfig) -> Any:
     try:
         from hydra.core.hydra_config import HydraConfig
@@ -38,12 +89,18 @@ def run_training(cfg: DictConfig) -> Any:
         config = to_plain(cfg)
         validate(config)  # before the slow imports: bad input costs a second
         resolve_resume(config)
+        if _sweep_job_needs_own_processes(config):
+            return _run_job_in_own_process()
         from scalelong.run import train
 
         result = train(config)
     except ConfigError as err:
         if run_dir is not None:
             _remove_if_untouched(run_dir)
+        if _in_multirun():  # let the sweep go on with its other jobs
+            print(f"error: {err}", file=sys.stderr, flush=True)
+            raise JobFailed(str(err)) from None
         fail(str(err))
-    print(f"run folder: {result['run_dir']}")
+    if result["trainer"].is_global_zero:
+        print(f"run folder: {result['run_dir']}")
     return None
