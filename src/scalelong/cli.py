@@ -3,6 +3,7 @@ half-written run folders."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -64,6 +65,18 @@ def _run_job_in_own_process() -> None:
     if code != 0:
         raise JobFailed(f"job {hc.job.num} ({', '.join(hc.overrides.task)}) exited with status {code}; "
                         f"see {job_dir}")
+    metrics_file = Path(job_dir) / "metrics.json"
+    return json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+
+
+def _optimized_value(config: dict, metrics: dict) -> float | None:
+    """The value a sweeper minimises, when ``optimized_metric`` is set."""
+    name = config.get("optimized_metric")
+    if not name:
+        return None
+    if name not in metrics:
+        raise JobFailed(f"optimized_metric {name!r} was not logged; logged metrics: {', '.join(sorted(metrics))}")
+    return float(metrics[name])
 
 
 def _in_multirun() -> bool:
@@ -90,7 +103,7 @@ def run_training(cfg: DictConfig) -> Any:
         validate(config)  # before the slow imports: bad input costs a second
         resolve_resume(config)
         if _sweep_job_needs_own_processes(config):
-            return _run_job_in_own_process()
+            return _optimized_value(config, _run_job_in_own_process())
         from scalelong.run import train
 
         result = train(config)
@@ -103,4 +116,4 @@ def run_training(cfg: DictConfig) -> Any:
         fail(str(err))
     if result["trainer"].is_global_zero:
         print(f"run folder: {result['run_dir']}")
-    return None
+    return _optimized_value(config, result["metrics"])

@@ -6,6 +6,7 @@ with configs composed through Hydra's compose API.
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 import warnings
@@ -117,6 +118,8 @@ def train(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    if trainer.is_global_zero:  # what a sweeper (or a script) reads back
+        write_text(run_dir / "metrics.json", json.dumps({"step": trainer.global_step, **metrics}, indent=2) + "\n")
     for logger in trainer.loggers:
         logger.finalize("success")
     return {"run_dir": run_dir, "checkpoint": checkpoints.last_path, "samples": grids.last_path,
