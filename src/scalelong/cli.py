@@ -13,7 +13,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from scalelong.errors import ConfigError
+from scalelong.errors import ConfigError, TrainingDiverged
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -89,6 +89,15 @@ def _in_multirun() -> bool:
         return False
 
 
+def _config_error(err: ConfigError, run_dir: Path | None) -> None:
+    if run_dir is not None:
+        _remove_if_untouched(run_dir)
+    if _in_multirun():  # let the sweep go on with its other jobs
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        raise JobFailed(str(err)) from None
+    fail(str(err))
+
+
 def run_training(cfg: DictConfig) -> Any:
     try:
         from hydra.core.hydra_config import HydraConfig
@@ -96,24 +105,31 @@ def run_training(cfg: DictConfig) -> Any:
         run_dir = Path(HydraConfig.get().runtime.output_dir)
     except Exception:  # called outside Hydra
         run_dir = None
-    try:
-        from scalelong.config import resolve_resume, to_plain, validate
+    from scalelong.config import resolve_resume, to_plain, validate
 
+    try:
         config = to_plain(cfg)
         validate(config)  # before the slow imports: bad input costs a second
         resolve_resume(config)
-        if _sweep_job_needs_own_processes(config):
-            return _optimized_value(config, _run_job_in_own_process())
-        from scalelong.run import train
-
-        result = train(config)
     except ConfigError as err:
-        if run_dir is not None:
-            _remove_if_untouched(run_dir)
-        if _in_multirun():  # let the sweep go on with its other jobs
-            print(f"error: {err}", file=sys.stderr, flush=True)
-            raise JobFailed(str(err)) from None
-        fail(str(err))
+        _config_error(err, run_dir)
+    if _sweep_job_needs_own_processes(config):
+        return _optimized_value(config, _run_job_in_own_process())
+
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+    from scalelong.run import train
+
+    try:
+        result = train(config)
+    except SIGTERMException:
+        print(f"stopped by a signal; checkpoint saved to {run_dir}/checkpoints/last.ckpt. Run the same "
+              f"command again (it resumes in the same folder) or pass resume={run_dir}", file=sys.stderr, flush=True)
+        raise SystemExit(0) from None
+    except TrainingDiverged as err:
+        fail(str(err), code=3)
+    except ConfigError as err:
+        _config_error(err, run_dir)
     if result["trainer"].is_global_zero:
         print(f"run folder: {result['run_dir']}")
     return _optimized_value(config, result["metrics"])

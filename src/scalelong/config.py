@@ -54,6 +54,10 @@ def resolve_resume(config: dict[str, Any]) -> str | None:
         if not path.is_file():
             raise ConfigError(f"ckpt_path={path}: no such file")
         return str(path)
+    # A requeued job (SLURM, submitit) restarts with the same command and folder: continue.
+    last = Path(config.get("run_dir") or ".") / "checkpoints" / "last.ckpt"
+    if config.get("auto_resume", True) and config.get("run_dir") and last.is_file():
+        return str(last)
     return None
 
 

@@ -11,3 +11,7 @@ class ConfigError(ValueError):
 
 class DataError(ConfigError):
     """Missing, corrupt or mis-shaped input data (data sets, checkpoints, weights)."""
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many steps in a row with a non-finite loss or gradient; the run stops."""

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
 from pathlib import Path
 
 import pytorch_lightning as pl
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities import rank_zero_only
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from scalelong.io import save_image_grid, write_bytes
 
@@ -86,6 +89,11 @@ class PeriodicCheckpoint(pl.Callback):
     """Saves ``last.ckpt`` every ``every_n_steps`` and at the end of training; with
     ``keep_every_n_steps``, also a numbered ``step_0050000.ckpt`` that is never overwritten.
 
+    Pre-emption: on SIGTERM or SIGUSR1 (unless a cluster handler such as Lightning's SLURM
+    requeue owns SIGUSR1), ``last.ckpt`` is saved after the current step and the run stops with
+    ``SIGTERMException``, ready to be resumed. All ranks agree on the stop through one small
+    all-reduce per step.
+
     Writes are atomic (see ``AtomicCheckpointIO``): a kill during a save keeps the previous file.
     """
 
@@ -103,13 +111,42 @@ class PeriodicCheckpoint(pl.Callback):
         trainer.save_checkpoint(self.last_path)
         self._saved_step = trainer.global_step
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        # Replace Lightning's SIGTERM handler (it would stop the loop at a point of its own,
+        # possibly before this callback has saved) with a flag read once per step, here.
+        self._stop_requested = False
+        self._previous_handlers = {}
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            current = signal.getsignal(sig)
+            if sig == signal.SIGUSR1 and current not in (signal.SIG_DFL, None):
+                continue  # a cluster handler (Lightning's SLURM requeue, submitit) owns it
+            self._previous_handlers[sig] = signal.signal(sig, self._request_stop)
+
+    def _request_stop(self, signum, frame) -> None:
+        self._stop_requested = True
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
         if self.keep_every and step % self.keep_every == 0:
             trainer.save_checkpoint(self.dirpath / f"step_{step:07d}.ckpt")
         if self.every > 0 and step % self.every == 0:
             self._save_last(trainer)
+        if trainer.strategy.reduce_boolean_decision(getattr(self, "_stop_requested", False), all=False):
+            if self._saved_step != step:
+                self._save_last(trainer)
+            raise SIGTERMException()
 
     def on_train_end(self, trainer, pl_module) -> None:
         if self._saved_step != trainer.global_step:
             self._save_last(trainer)
+        self._restore_handlers()
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self._restore_handlers()
+
+    def _restore_handlers(self) -> None:
+        for sig, handler in getattr(self, "_previous_handlers", {}).items():
+            signal.signal(sig, handler)
+        self._previous_handlers = {}

@@ -21,6 +21,7 @@ from torch import Tensor
 from scalelong.data.sampler import step_seed
 from scalelong.diffusion import TIME_INPUT_SCALE, TRAIN_T_EPS, NoisePredictor, get_sde, sample
 from scalelong.ema import EMA
+from scalelong.errors import TrainingDiverged
 from scalelong.models import build_backbone
 
 # Generator streams, so t, noise and flips never share random numbers.
@@ -70,6 +71,8 @@ class DiffusionModule(pl.LightningModule):
         diffusion = dict(config["diffusion"])
         self.sde = get_sde(diffusion.pop("schedule"), **diffusion)
         self.optim = dict(config["optim"])
+        self.nonfinite_in_row = 0
+        self.nonfinite_total = 0
 
     # --- training -----------------------------------------------------------------------------
 
@@ -103,12 +106,33 @@ class DiffusionModule(pl.LightningModule):
         return loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        # Gradients are unscaled (AMP) and all-reduced (DDP) here. The norm is taken before
-        # clipping, so the log shows what the optimizer was given.
+        # Gradients are unscaled (AMP) and all-reduced (DDP) here, so every rank takes the same
+        # decision. The norm is taken before clipping: the log shows what the optimizer was given.
         clip = self.optim.get("grad_clip")
         max_norm = float(clip) if clip else math.inf
         norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), max_norm, foreach=True)
         self.log("train/grad_norm", norm)
+        self._guard_nonfinite(bool(torch.isfinite(norm)))  # one device sync per step
+
+    def _guard_nonfinite(self, finite: bool) -> None:
+        """Divergence guard: a step with a non-finite loss or gradient is skipped, counted and
+        logged; ``optim.max_nonfinite_in_row`` of them in a row stop the run."""
+        if finite:
+            self.nonfinite_in_row = 0
+        else:
+            # No gradient: AdamW leaves these parameters and their state untouched this step.
+            for p in self.net.parameters():
+                p.grad = None
+            self.nonfinite_in_row += 1
+            self.nonfinite_total += 1
+            limit = int(self.optim.get("max_nonfinite_in_row") or 0)
+            if limit and self.nonfinite_in_row >= limit:
+                raise TrainingDiverged(
+                    f"{self.nonfinite_in_row} steps in a row had a non-finite loss or gradient (step "
+                    f"{self.global_step}, {self.nonfinite_total} in all); the last checkpoint holds the last "
+                    "good weights. Lower optim.lr, set optim.grad_clip, or try a smaller scaling.kappa"
+                )
+        self.log("train/nonfinite_skipped", float(self.nonfinite_total))
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
@@ -123,6 +147,14 @@ class DiffusionModule(pl.LightningModule):
                 self.log(f"scaling/lsc{i}", c.mean)
                 if c.std > 0:
                     self.log(f"scaling/lsc{i}_std", c.std)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["nonfinite"] = {"in_row": self.nonfinite_in_row, "total": self.nonfinite_total}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        counts = checkpoint.get("nonfinite", {})
+        self.nonfinite_in_row = int(counts.get("in_row", 0))
+        self.nonfinite_total = int(counts.get("total", 0))
 
     def configure_optimizers(self):
         o = self.optim

@@ -1,0 +1,161 @@
+"""Never lose a run: kill and resume, pre-emption signals, the divergence guard, atomic writes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, compose
+
+from scalelong.errors import TrainingDiverged
+from scalelong.io import atomic_write
+from scalelong.run import train
+from scalelong.training.module import DiffusionModule
+
+LONG = ["experiment=smoke", "logger=csv", "train.batch_size=16", "trainer.log_every_n_steps=1"]
+
+
+def start(run_dir: Path, *overrides: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *LONG, *overrides, f"hydra.run.dir={run_dir}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def wait_for_step(proc: subprocess.Popen, step: int, timeout: float = 120) -> None:
+    """Read the progress lines until ``step`` has been printed."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line and proc.poll() is not None:
+            raise AssertionError(f"run ended before step {step}: {proc.stderr.read()[-2000:]}")
+        if line.startswith(f"step {step}/"):
+            return
+    raise AssertionError(f"no step {step} within {timeout}s")
+
+
+def final_state(ckpt: Path) -> dict[str, torch.Tensor]:
+    state = torch.load(ckpt, weights_only=False)
+    out = dict(state["state_dict"])
+    for pid, s in state["optimizer_states"][0]["state"].items():
+        for k, v in s.items():
+            out[f"opt.{pid}.{k}"] = torch.as_tensor(v)
+    out["global_step"] = torch.tensor(state["global_step"])
+    return out
+
+
+def test_sigkill_then_resume_ends_with_the_weights_of_an_uninterrupted_run(tmp_path):
+    common = ["train.max_steps=14", "checkpoint.every_n_steps=4"]
+    full = train(compose([*LONG, *common], tmp_path / "full"))
+
+    run = tmp_path / "killed"
+    proc = start(run, *common, "train.max_steps=10000")  # would run long: we kill it
+    wait_for_step(proc, 9)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
+    assert saved in (8, 9)  # the last periodic save before the kill (9 if it was saving then)
+    assert not list((run / "checkpoints").glob(".*.tmp"))  # no half-written file left
+
+    train(compose([*LONG, *common, f"resume={run}"], run))
+    a, b = final_state(full["checkpoint"]), final_state(run / "checkpoints" / "last.ckpt")
+    assert a.keys() == b.keys()
+    for k in a:  # bit for bit: every random draw is keyed by (seed, step)
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_preemption_signal_saves_and_exits_cleanly(tmp_path, sig):
+    run = tmp_path / "run"
+    proc = start(run, "train.max_steps=10000", "checkpoint.every_n_steps=1000")
+    wait_for_step(proc, 3)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    assert "stopped by a signal; checkpoint saved" in err and "Traceback" not in err
+    step = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
+    assert step >= 3
+    # The same command (same folder) continues from there.
+    resumed = train(compose([*LONG, f"train.max_steps={step + 2}"], run))
+    assert resumed["trainer"].global_step == step + 2
+
+
+def test_nonfinite_steps_are_skipped_and_counted(tmp_path, monkeypatch):
+    original = DiffusionModule.training_step
+    poisoned = {2, 3}
+
+    def training_step(self, batch, batch_idx):
+        loss = original(self, batch, batch_idx)
+        return loss * float("nan") if int(batch["step"]) in poisoned else loss
+
+    monkeypatch.setattr(DiffusionModule, "training_step", training_step)
+    weights = {}
+
+    def snapshot(self, *args, **kwargs):
+        weights[self.global_step] = [p.detach().clone() for p in self.net.parameters()]
+
+    monkeypatch.setattr(DiffusionModule, "on_train_batch_start", snapshot, raising=False)
+    run = train(compose([*LONG, "train.max_steps=6"], tmp_path))
+    assert run["module"].nonfinite_total == 2 and run["metrics"]["train/nonfinite_skipped"] == 2
+    # Steps 2 and 3 left the weights as they were; the others changed them.
+    for step, changed in [(2, False), (3, False), (4, True)]:
+        same = all(torch.equal(a, b) for a, b in zip(weights[step], weights[step + 1]))
+        assert same != changed, step
+
+
+def test_too_many_nonfinite_steps_stop_the_run_keeping_the_last_checkpoint(tmp_path, monkeypatch):
+    original = DiffusionModule.training_step
+
+    def training_step(self, batch, batch_idx):
+        loss = original(self, batch, batch_idx)
+        return loss * float("nan") if int(batch["step"]) >= 4 else loss
+
+    monkeypatch.setattr(DiffusionModule, "training_step", training_step)
+    cfg = compose([*LONG, "train.max_steps=50", "checkpoint.every_n_steps=2", "optim.max_nonfinite_in_row=3"],
+                  tmp_path)
+    with pytest.raises(TrainingDiverged, match="3 steps in a row had a non-finite loss"):
+        train(cfg)
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 6  # saved at step 6: steps 5 and 6 were skipped, weights still good
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+
+
+def test_diverged_run_is_one_line_from_the_command_line(tmp_path):
+    # lr 1e30 blows the weights up within a few steps; the guard stops the run with status 3.
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *LONG, "train.max_steps=200", "optim.lr=1e30",
+                           "optim.max_nonfinite_in_row=2", f"hydra.run.dir={tmp_path / 'run'}"],
+                          capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert "error: 2 steps in a row had a non-finite loss or gradient" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_an_interrupted_write_keeps_the_previous_file(tmp_path):
+    target = tmp_path / "last.ckpt"
+    target.write_bytes(b"previous")
+    with pytest.raises(OSError):
+        with atomic_write(target) as f:
+            f.write(b"half of the new")
+            raise OSError(28, "No space left on device")
+    assert target.read_bytes() == b"previous"
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_full_disk_during_a_checkpoint_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    run = train(compose([*LONG, "train.max_steps=2"], tmp_path))
+    before = run["checkpoint"].read_bytes()
+
+    def full_disk(obj, f, *args, **kwargs):
+        f.write(b"x" * 1000)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        run["trainer"].save_checkpoint(run["checkpoint"])
+    assert run["checkpoint"].read_bytes() == before
+    assert not list(run["checkpoint"].parent.glob(".*.tmp"))
