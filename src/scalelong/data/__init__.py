@@ -5,18 +5,29 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from torch.utils.data import Dataset
+
 from scalelong.errors import ConfigError
+from scalelong.data.celeba import load_celeba
+from scalelong.data.cifar10 import load_cifar10
+from scalelong.data.coco import CocoLatentFeatures, load_coco, sample_latents
 from scalelong.data.digits import load_digits_images
+from scalelong.data.imagenet import load_imagenet64
 from scalelong.data.images import InMemoryImages
 from scalelong.data.sampler import BatchRequest, StepBatchSampler, check_global_batch, step_seed
 
-# name -> loader(dataset config) -> data set
-LOADERS: dict[str, Callable[[Mapping[str, Any]], InMemoryImages]] = {
+# name -> loader(dataset config) -> data set (InMemoryImages for pixels, CocoLatentFeatures for latents)
+LOADERS: dict[str, Callable[[Mapping[str, Any]], Dataset]] = {
     "digits": lambda cfg: load_digits_images(size=int(cfg.get("image_size", 16))),
+    "cifar10": load_cifar10,
+    "celeba64": load_celeba,
+    "imagenet64": load_imagenet64,
+    "mscoco": load_coco,
 }
 
 
-def build_dataset(cfg: Mapping[str, Any]) -> InMemoryImages:
+def build_dataset(cfg: Mapping[str, Any]) -> Dataset:
+    """The data set ``cfg['name']``; an error when its item shape is not the config's."""
     name = cfg.get("name")
     if name not in LOADERS:
         raise ConfigError(f"unknown data set {name!r}; valid data sets: {', '.join(LOADERS)}")
@@ -28,5 +39,6 @@ def build_dataset(cfg: Mapping[str, Any]) -> InMemoryImages:
     return data
 
 
-__all__ = ["BatchRequest", "InMemoryImages", "StepBatchSampler", "build_dataset", "check_global_batch",
-           "load_digits_images", "step_seed", "LOADERS"]
+__all__ = ["BatchRequest", "CocoLatentFeatures", "InMemoryImages", "StepBatchSampler", "build_dataset",
+           "check_global_batch", "load_celeba", "load_cifar10", "load_coco", "load_digits_images",
+           "load_imagenet64", "sample_latents", "step_seed", "LOADERS"]
