@@ -11,6 +11,7 @@ from conftest import compose
 
 from scalelong.data import LOADERS
 from scalelong.ema import EMA
+from scalelong.errors import ConfigError
 from scalelong.models import BACKBONES
 from scalelong.run import train
 from scalelong.scaling import STRATEGIES
@@ -28,11 +29,19 @@ def smoke(run_dir, *extra):
 def test_every_combination_composes_and_instantiates(tmp_path, dataset, model, scaling):
     cfg = compose([f"dataset={dataset}", f"model={model}", *SCALING_OVERRIDES[scaling]], tmp_path)
     assert cfg["model"]["backbone"] == model and cfg["scaling"]["name"] == scaling
-    module = DiffusionModule(cfg)
+    if dataset == "mscoco" and model == "unet":
+        with pytest.raises(ConfigError, match="only model=uvit takes text tokens"):
+            DiffusionModule(cfg)
+        return
+    # Full-size presets are built on the meta device (shapes only); the digits models also run.
+    with torch.device("cpu" if dataset == "digits" else "meta"):
+        module = DiffusionModule(cfg)
     assert module.net.skip_scaling.name == scaling
-    c, h, w = module.image_shape
-    out = module.net(torch.zeros(2, c, h, w), torch.tensor([1.0, 500.0]))
-    assert out.shape == (2, c, h, w)
+    assert module.net.skip_scaling.num_skips == module.net.num_skips > 0
+    if dataset == "digits":
+        c, h, w = module.image_shape
+        out = module.net(torch.zeros(2, c, h, w), torch.tensor([1.0, 500.0]))
+        assert out.shape == (2, c, h, w)
 
 
 def test_quickstart_defaults():

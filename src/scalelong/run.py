@@ -108,7 +108,8 @@ def train(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
                                num_workers=int(config["train"].get("num_workers", 0)))
     s, c = config["sample"], config["checkpoint"]
     checkpoints = PeriodicCheckpoint(run_dir / "checkpoints", c["every_n_steps"], c.get("keep_every_n_steps"))
-    grids = SampleGrid(run_dir / "samples", s["every_n_steps"], s["num"], s["sampler"], s["steps"], s["seed"])
+    grids = SampleGrid(run_dir / "samples", s["every_n_steps"], s["num"], s["sampler"], s["steps"], s["seed"],
+                       s.get("guidance_scale", 0.0))
     callbacks = [ProgressPrinter(config["trainer"].get("log_every_n_steps", 50)), grids, checkpoints,
                  *build_extra_callbacks(config.get("callbacks"))]
     trainer = build_trainer(config, run_dir, callbacks)

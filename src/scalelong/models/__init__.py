@@ -24,12 +24,18 @@ def build_backbone(model: Mapping[str, Any], scaling: Any, dataset: Mapping[str,
     if name not in BACKBONES:
         raise ConfigError(f"unknown model {name!r}; valid models: {', '.join(BACKBONES)}")
     factory, presets = BACKBONES[name]
+    if dataset.get("text_conditional") and name != "uvit":
+        raise ConfigError(f"data set {dataset.get('name')!r} is text-conditional: only model=uvit takes text tokens")
     preset = model.get("preset")
     if preset not in presets:
         raise ConfigError(f"unknown {name} preset {preset!r}; valid presets: {', '.join(presets)}")
     args = dict(img_size=int(dataset["image_size"]), in_chans=int(dataset["channels"]))
     if dataset.get("conditional"):
-        args["num_classes"] = int(dataset["num_classes"])
+        # One more embedding, the "no label" class, when labels are dropped for guidance.
+        extra = 1 if float(dataset.get("label_drop_prob") or 0) > 0 else 0
+        args["num_classes"] = int(dataset["num_classes"]) + extra
+    if dataset.get("text_conditional"):
+        args.update(context_dim=int(dataset["context_dim"]), num_context_tokens=int(dataset["num_context_tokens"]))
     args.update(dict(model.get("options") or {}))
     scaling = dict(scaling) if isinstance(scaling, Mapping) else scaling
     return factory(preset, scaling=scaling, **args)

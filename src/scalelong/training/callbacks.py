@@ -12,6 +12,7 @@ from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from scalelong.data.sampler import BatchRequest
 from scalelong.io import save_image_grid, write_bytes
 
 
@@ -36,7 +37,8 @@ class ProgressPrinter(pl.Callback):
         elapsed = time.perf_counter() - self._t0
         done = step - self._s0
         rate = done / elapsed if elapsed > 0 else 0.0
-        images = rate * batch["images"].shape[0] * trainer.world_size
+        local = next(v for k, v in batch.items() if k in ("images", "moments")).shape[0]
+        images = rate * local * trainer.world_size
         left = (trainer.max_steps - step) / rate if rate > 0 else float("nan")
         loss = trainer.callback_metrics.get("train/loss")
         loss_s = f"{float(loss):.4f}" if loss is not None else "-"
@@ -53,15 +55,26 @@ class SampleGrid(pl.Callback):
     """
 
     def __init__(self, dirpath: str | Path, every_n_steps: int, num: int = 100, sampler: str = "euler_ode",
-                 steps: int = 50, seed: int = 0):
+                 steps: int = 50, seed: int = 0, guidance_scale: float = 0.0):
         self.dirpath = Path(dirpath)
         self.every = int(every_n_steps)
         self.num, self.sampler, self.steps, self.seed = int(num), sampler, int(steps), int(seed)
+        self.guidance_scale = float(guidance_scale)
         self.last_path: Path | None = None
         self._last_step = -1
+        self._contexts = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if getattr(pl_module, "text_conditional", False):
+            # The same captions for every grid: the first items of the training data (caption
+            # chosen as at step 0).
+            data = trainer.datamodule.data
+            indices = [i % len(data) for i in range(self.num)]
+            self._contexts = data.__getitems__(BatchRequest(0, indices))["context"]
 
     def _save(self, trainer, pl_module, name: str) -> Path:
-        images = pl_module.generate(self.num, self.sampler, self.steps, seed=self.seed)
+        images = pl_module.generate(self.num, self.sampler, self.steps, seed=self.seed, contexts=self._contexts,
+                                    guidance_scale=self.guidance_scale)
         path = save_image_grid(images, self.dirpath / name)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):

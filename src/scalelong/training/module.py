@@ -18,10 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from scalelong.data.coco import sample_latents
 from scalelong.data.sampler import step_seed
 from scalelong.diffusion import TIME_INPUT_SCALE, TRAIN_T_EPS, NoisePredictor, get_sde, sample
 from scalelong.ema import EMA
-from scalelong.errors import TrainingDiverged
+from scalelong.errors import ConfigError, TrainingDiverged
 from scalelong.models import build_backbone
 
 # Generator streams, so t, noise and flips never share random numbers.
@@ -64,6 +65,13 @@ class DiffusionModule(pl.LightningModule):
         data = config["dataset"]
         self.image_shape = (int(data["channels"]), int(data["image_size"]), int(data["image_size"]))
         self.num_classes = int(data.get("num_classes", 0)) if data.get("conditional") else 0
+        # Classifier-free guidance: labels become the extra "null" class, captions the empty prompt.
+        self.label_drop_prob = float(data.get("label_drop_prob") or 0.0) if self.num_classes else 0.0
+        self.text_conditional = bool(data.get("text_conditional"))
+        self.text_drop_prob = float(data.get("text_drop_prob") or 0.0) if self.text_conditional else 0.0
+        self.latent_scale = float(data["latent_scale"]) if data.get("latent_scale") else None
+        self.decoder_name = data.get("decoder")
+        self._decoder = None
         self.random_flip = bool(data.get("random_flip", False))
         self.seed = int(config["seed"])
         self.net = build_backbone(config["model"], config["scaling"], data)
@@ -71,34 +79,68 @@ class DiffusionModule(pl.LightningModule):
         diffusion = dict(config["diffusion"])
         self.sde = get_sde(diffusion.pop("schedule"), **diffusion)
         self.optim = dict(config["optim"])
+        if self.text_conditional:  # filled from the data set at fit start; kept in checkpoints for sampling
+            shape = (int(data["num_context_tokens"]), int(data["context_dim"]))
+            self.register_buffer("empty_context", torch.zeros(shape))
         self.nonfinite_in_row = 0
         self.nonfinite_total = 0
 
     # --- training -----------------------------------------------------------------------------
 
-    def _global_draws(self, step: int, global_batch: int) -> tuple[Tensor, Tensor, Tensor]:
-        """t (B,), noise (B, C, H, W) and flip mask (B,) for the whole global batch at ``step``."""
+    def on_fit_start(self) -> None:
+        data = getattr(self.trainer.datamodule, "data", None) if self._trainer is not None else None
+        if self.text_conditional and data is not None:
+            self.empty_context.copy_(torch.as_tensor(data.empty_context, dtype=torch.float32))
+
+    def _global_draws(self, step: int, global_batch: int) -> dict[str, Tensor]:
+        """Random draws for the whole global batch at ``step``: t (B,), noise (B, C, H, W), flip
+        and condition-drop masks (B,), and the latent posterior noise (B, C, H, W)."""
         g = torch.Generator(device=self.device).manual_seed(step_seed(self.seed, step, _STREAM_TRAIN_NOISE))
         t = self.sde.sample_t(global_batch, TRAIN_T_EPS, device=self.device, generator=g)
         noise = torch.randn((global_batch, *self.image_shape), device=self.device, generator=g)
         flip = torch.rand(global_batch, device=self.device, generator=g) < 0.5
-        return t, noise, flip
+        # Drawn after the others, so adding them did not change the draws above.
+        drop = torch.rand(global_batch, device=self.device, generator=g)
+        latent_noise = torch.randn((global_batch, *self.image_shape), device=self.device, generator=g) \
+            if self.latent_scale else None
+        return {"t": t, "noise": noise, "flip": flip, "drop": drop, "latent_noise": latent_noise}
+
+    def _clean_batch(self, batch: dict[str, Tensor], draws: dict[str, Tensor]) -> Tensor:
+        """x0 in model space: pixels in [-1, 1] (flipped when configured), or sampled latents."""
+        if "moments" in batch:
+            return sample_latents(batch["moments"], scale=self.latent_scale, noise=draws["latent_noise"])
+        x0 = batch["images"].float() / 127.5 - 1.0
+        if self.random_flip:
+            x0 = torch.where(draws["flip"][:, None, None, None], x0.flip(-1), x0)
+        return x0
+
+    def _conditioning(self, batch: dict[str, Tensor], drop: Tensor) -> dict[str, Tensor]:
+        if self.num_classes:
+            y = batch["labels"]
+            if self.label_drop_prob:
+                y = torch.where(drop < self.label_drop_prob, torch.full_like(y, self.num_classes), y)
+            return {"y": y}
+        if self.text_conditional:
+            context = batch["context"]
+            if self.text_drop_prob:
+                empty = self.empty_context.to(context.dtype).expand_as(context)
+                context = torch.where((drop < self.text_drop_prob)[:, None, None], empty, context)
+            return {"context": context}
+        return {}
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         step = int(batch["step"])
-        images = batch["images"]
-        local = images.shape[0]
+        local = next(v for k, v in batch.items() if k in ("images", "moments")).shape[0]
         world = self.trainer.world_size if self._trainer is not None else 1
         rank = self.trainer.global_rank if self._trainer is not None else 0
         torch.manual_seed(step_seed(self.seed, step, _STREAM_DROPOUT) + rank)
 
-        t, noise, flip = (d[rank * local:(rank + 1) * local] for d in self._global_draws(step, local * world))
-        x0 = images.float() / 127.5 - 1.0
-        if self.random_flip:
-            x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
+        draws = {k: None if v is None else v[rank * local:(rank + 1) * local]
+                 for k, v in self._global_draws(step, local * world).items()}
+        x0 = self._clean_batch(batch, draws)
+        t, noise = draws["t"], draws["noise"]
         x_t = self.sde.marginal(x0, t, noise)
-        cond = {"y": batch["labels"]} if self.num_classes else {}
-        pred = self.net(x_t, t * TIME_INPUT_SCALE, **cond)
+        pred = self.net(x_t, t * TIME_INPUT_SCALE, **self._conditioning(batch, draws["drop"]))
         loss = F.mse_loss(pred.float(), noise)
 
         self.log("train/loss", loss, prog_bar=True, sync_dist=world > 1)
@@ -167,26 +209,73 @@ class DiffusionModule(pl.LightningModule):
 
     # --- sampling -----------------------------------------------------------------------------
 
+    def _guided_predictor(self, net, labels: Tensor | None, contexts: Tensor | None, guidance_scale: float):
+        if labels is not None:
+            cond = {"y": labels}
+            null = {"y": torch.full_like(labels, self.num_classes)} if guidance_scale else None
+            if guidance_scale and not self.label_drop_prob:
+                raise ConfigError("guidance needs a model trained with label dropout (dataset.label_drop_prob > 0)")
+        elif contexts is not None:
+            cond = {"context": contexts}
+            null = {"context": self.empty_context.to(contexts.dtype).expand_as(contexts)} if guidance_scale else None
+        else:
+            if guidance_scale:
+                raise ConfigError("guidance needs a conditional model")
+            cond, null = {}, None
+        return NoisePredictor(net, cond, null, guidance_scale=guidance_scale)
+
+    def decode(self, x: Tensor) -> Tensor:
+        """Model-space samples -> uint8 pixels (N, 3 or C, H, W). Latents go through the
+        configured autoencoder (``dataset.decoder``); without one, the first three latent
+        channels are shown as a preview."""
+        if self.latent_scale is None:
+            return to_uint8(x)
+        if self.decoder_name:
+            if self._decoder is None:
+                self._decoder = load_latent_decoder(self.decoder_name, self.device)
+            with torch.autocast(self.device.type, enabled=False):
+                pixels = self._decoder.decode(x.float() / self.latent_scale).sample
+            return to_uint8(pixels)
+        return to_uint8(x[:, :3] / (4 * self.latent_scale))
+
     @torch.no_grad()
     def generate(self, num: int, sampler: str = "euler_ode", steps: int = 50, seed: int = 0,
-                 use_ema: bool = True, labels: Tensor | None = None, batch_size: int | None = None,
-                 progress: bool = False) -> Tensor:
-        """``num`` samples as uint8 (num, C, H, W); the same ``seed`` gives the same samples.
+                 use_ema: bool = True, labels: Tensor | None = None, contexts: Tensor | None = None,
+                 guidance_scale: float = 0.0, batch_size: int | None = None, progress: bool = False) -> Tensor:
+        """``num`` samples as uint8 pixels (num, C, H, W); the same ``seed`` gives the same samples.
 
-        Class-conditional models cycle through the classes unless ``labels`` (num,) are given.
+        Class-conditional models cycle through the classes unless ``labels`` (num,) are given;
+        text-conditional models need ``contexts`` (num, tokens, dim). ``guidance_scale`` w > 0
+        applies classifier-free guidance, eps = (1 + w) eps(cond) - w eps(null).
         """
         net = self.ema.module if use_ema else self.net
         if self.num_classes and labels is None:
             labels = torch.arange(num, device=self.device) % self.num_classes
+        if self.text_conditional and contexts is None:
+            raise ConfigError("a text-conditional model samples from caption embeddings: pass contexts")
         g = torch.Generator(device=self.device).manual_seed(seed)
         out = []
         batch_size = batch_size or num
         with eval_mode(net):
             for lo in range(0, num, batch_size):
                 n = min(batch_size, num - lo)
-                part = None if labels is None else labels[lo:lo + n].to(self.device)
-                eps_fn = NoisePredictor(net, {} if part is None else {"y": part})
+                part_y = None if labels is None else labels[lo:lo + n].to(self.device)
+                part_c = None if contexts is None else contexts[lo:lo + n].to(self.device)
+                eps_fn = self._guided_predictor(net, part_y, part_c, guidance_scale)
                 x = sample(eps_fn, self.sde, (n, *self.image_shape), sampler=sampler, steps=steps,
                            generator=g, device=self.device, progress=progress)
-                out.append(to_uint8(x).cpu())
+                out.append(self.decode(x).cpu())
         return torch.cat(out)
+
+
+def load_latent_decoder(name: str, device: torch.device):
+    """The Stable Diffusion autoencoder (diffusers ``AutoencoderKL``) from a path or hub id."""
+    try:
+        from diffusers import AutoencoderKL
+    except ImportError:
+        raise ConfigError("dataset.decoder needs diffusers: pip install diffusers") from None
+    try:
+        return AutoencoderKL.from_pretrained(name).to(device).eval().requires_grad_(False)
+    except Exception as err:
+        raise ConfigError(f"cannot load the autoencoder {name!r} ({type(err).__name__}: {err}); "
+                          "give dataset.decoder a local diffusers folder or a hub id reachable from here") from None
