@@ -1,0 +1,66 @@
+"""Sharding sample generation over ranks so that sample i is the same for any world size.
+
+The ``num`` samples are cut into fixed-size chunks by global index: chunk c holds indices
+[c * chunk_size, min((c + 1) * chunk_size, num)). Chunk c is drawn in one ``generate`` call with
+its own seed ``step_seed(seed, c, stream)``, and rank r takes chunks r, r + W, r + 2W, ... So:
+
+* the total is exactly ``num`` for any world size W (the last chunk is short when needed);
+* no sample is drawn twice, and every index once;
+* sample i depends only on (seed, chunk_size, num, i), never on W or on the rank: one process
+  and eight give the same set of images (up to the device's floating-point determinism).
+
+Class-conditional models get label ``i % num_classes`` for sample i, as ``generate`` would give
+one process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from scalelong.data.sampler import step_seed
+from scalelong.metrics.distributed import rank_and_world
+
+_STREAM_EVAL = 11  # a generator stream of its own (training uses 2 and 3)
+
+
+def num_chunks(num: int, chunk_size: int) -> int:
+    return -(-int(num) // int(chunk_size))
+
+
+def chunk_seed(seed: int, chunk: int) -> int:
+    return step_seed(int(seed), int(chunk), _STREAM_EVAL)
+
+
+def shard(num: int, chunk_size: int, rank: int, world: int) -> list[tuple[int, int, int]]:
+    """This rank's chunks as (chunk index, first global index, count)."""
+    if num < 1 or chunk_size < 1:
+        raise ValueError(f"num and chunk_size must be positive, got {num} and {chunk_size}")
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is outside a world of {world}")
+    return [(c, c * chunk_size, min(chunk_size, num - c * chunk_size))
+            for c in range(rank, num_chunks(num, chunk_size), world)]
+
+
+def generate_shard(module: Any, num: int, sampler: str, steps: int, seed: int = 0, chunk_size: int = 250,
+                   rank: int | None = None, world: int | None = None,
+                   generate_kwargs: Mapping[str, Any] | None = None) -> Iterator[tuple[Tensor, Tensor]]:
+    """Yield (global indices (n,), uint8 images (n, C, H, W)) for each of this rank's chunks.
+
+    ``module`` is a ``DiffusionModule`` (EMA weights) or anything with the same ``generate``.
+    ``rank``/``world`` default to the process group's.
+    """
+    if rank is None or world is None:
+        rank, world = rank_and_world()
+    num_classes = int(getattr(module, "num_classes", 0) or 0)
+    for c, lo, n in shard(num, chunk_size, rank, world):
+        indices = torch.arange(lo, lo + n)
+        labels = indices % num_classes if num_classes else None
+        if labels is not None and hasattr(module, "device"):
+            labels = labels.to(module.device)
+        images = module.generate(n, sampler, steps, seed=chunk_seed(seed, c), use_ema=True, labels=labels,
+                                 batch_size=n, **dict(generate_kwargs or {}))
+        yield indices, images
