@@ -5,6 +5,8 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+import scalelong.config  # noqa: F401  (registers the resolvers the configs use)
+
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> None:

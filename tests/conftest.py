@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+import scalelong.config  # noqa: F401  (registers the resolvers the configs use)
+
 os.environ.setdefault("WANDB_MODE", "disabled")  # tests never talk to W&B
 os.environ.setdefault("WANDB_SILENT", "true")
 

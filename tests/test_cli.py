@@ -36,3 +36,20 @@ def test_unknown_config_group_option_is_hydras_clear_error(tmp_path):
     # Hydra names the group and lists the available options.
     assert "scaling" in proc.stderr and "learnable_nonshared" in proc.stderr
     assert not run_dir.exists()
+
+
+def test_a_plain_run_makes_its_own_named_folder(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "experiment=smoke", "logger=csv",
+                           "scaling=constant", "scaling.kappa=0.7"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    runs = list((tmp_path / "outputs" / "runs").iterdir())
+    assert len(runs) == 1 and runs[0].name.endswith("_digits_unet_constant")
+    assert (runs[0] / "checkpoints" / "last.ckpt").is_file() and (runs[0] / "config.yaml").is_file()
+    # The same command with resume= continues in that folder and makes no new one.
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "experiment=smoke", "logger=csv",
+                           "scaling=constant", "scaling.kappa=0.7", "train.max_steps=6", f"resume={runs[0]}"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert list((tmp_path / "outputs" / "runs").iterdir()) == runs
+    assert "Restored all states" in proc.stderr + proc.stdout

@@ -15,6 +15,15 @@ from scalelong.errors import ConfigError
 from scalelong.scaling import build_skip_scaling
 
 
+def _run_folder(resume: str | None, new_folder: str) -> str:
+    """hydra.run.dir: a resumed run continues in its own folder, a new one gets a new folder."""
+    return str(resume) if resume else new_folder
+
+
+if not OmegaConf.has_resolver("run_folder"):
+    OmegaConf.register_new_resolver("run_folder", _run_folder)
+
+
 def to_plain(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     """The resolved configuration as plain Python containers."""
     if isinstance(cfg, DictConfig):

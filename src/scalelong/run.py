@@ -94,6 +94,22 @@ def build_trainer(config: Mapping[str, Any], run_dir: Path, callbacks: list) -> 
     )
 
 
+def _quick_eval(module: DiffusionModule, data: DiffusionDataModule, num: int, run_dir: Path) -> dict[str, float]:
+    """KID and FID on a CPU-sized count at the end of a short run (the quickstart); written to
+    quick_eval.json. Missing Inception weights skip it with a note: the run itself succeeded."""
+    from scalelong.errors import DataError
+    from scalelong.metrics.evaluation import nan_to_none, quick_kid_fid
+
+    try:
+        result = quick_kid_fid(module, data.data, num=num)
+    except DataError as err:
+        print(f"KID/FID skipped: {err}", flush=True)
+        return {}
+    write_text(run_dir / "quick_eval.json", json.dumps({k: nan_to_none(v) for k, v in result.items()}, indent=2,
+                                                       default=str) + "\n")
+    return {"eval/quick_kid": float(result["kid"]), "eval/quick_fid": float(result["fid"])}
+
+
 def train(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     """Train as ``cfg`` says; return the run folder, the last checkpoint and the final metrics."""
     config = to_plain(cfg)
@@ -119,6 +135,9 @@ def train(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    quick = config.get("quick_eval")
+    if quick and trainer.is_global_zero:
+        metrics.update(_quick_eval(module, data, int(quick["num"]), run_dir))
     if trainer.is_global_zero:  # what a sweeper (or a script) reads back
         write_text(run_dir / "metrics.json", json.dumps({"step": trainer.global_step, **metrics}, indent=2) + "\n")
     for logger in trainer.loggers:

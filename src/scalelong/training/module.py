@@ -76,6 +76,11 @@ class DiffusionModule(pl.LightningModule):
         self.seed = int(config["seed"])
         self.net = build_backbone(config["model"], config["scaling"], data)
         self.ema = EMA(self.net, float(config["ema"]["decay"]))
+        model_cfg = config["model"]
+        self.channels_last = bool(model_cfg.get("channels_last", False))
+        if model_cfg.get("compile"):
+            # In place: parameter names (and so checkpoints) stay those of the eager model.
+            self.net.compile()
         diffusion = dict(config["diffusion"])
         self.sde = get_sde(diffusion.pop("schedule"), **diffusion)
         self.optim = dict(config["optim"])
@@ -88,6 +93,9 @@ class DiffusionModule(pl.LightningModule):
     # --- training -----------------------------------------------------------------------------
 
     def on_fit_start(self) -> None:
+        if self.channels_last and self.device.type == "cuda":  # faster cuDNN convolutions (UNet)
+            self.net.to(memory_format=torch.channels_last)
+            self.ema.module.to(memory_format=torch.channels_last)
         data = getattr(self.trainer.datamodule, "data", None) if self._trainer is not None else None
         if self.text_conditional and data is not None:
             self.empty_context.copy_(torch.as_tensor(data.empty_context, dtype=torch.float32))
@@ -140,6 +148,8 @@ class DiffusionModule(pl.LightningModule):
         x0 = self._clean_batch(batch, draws)
         t, noise = draws["t"], draws["noise"]
         x_t = self.sde.marginal(x0, t, noise)
+        if self.channels_last and x_t.is_cuda:
+            x_t = x_t.contiguous(memory_format=torch.channels_last)
         pred = self.net(x_t, t * TIME_INPUT_SCALE, **self._conditioning(batch, draws["drop"]))
         loss = F.mse_loss(pred.float(), noise)
 
