@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test quickstart clean
+.PHONY: install test quickstart bench clean
 
 install: $(STAMP)
 
@@ -21,3 +21,7 @@ clean:
 
 quickstart: install
 	$(PY) train.py
+
+# Side-by-side speed figures (CPU-sized; see scripts/benchmark.py --help for GPU settings).
+bench: install
+	$(PY) scripts/benchmark.py

@@ -1,0 +1,361 @@
+"""Side-by-side speed measurements; every ratio is measured within one run of this script.
+
+    python scripts/benchmark.py                                # CPU-sized defaults (make bench)
+    python scripts/benchmark.py --device cuda --precision bf16 --batch 128 \\
+        --models uvit:uvit_s2_32,unet:ddpm_cifar10 --steps 20 --warmup 5
+
+Measures, for each backbone preset and strategy, the training step (forward, loss, backward,
+AdamW, EMA) in images per second and its peak memory; the ratios `learnable` / `none` and
+`learnable_nonshared` / `none`; our Lightning training step against a plain PyTorch loop doing
+the same work; our U-ViT against a straightforward reference U-ViT written below for this
+comparison; sampling (network evaluations per second, DPM-Solver 50-step images per second);
+and the data loader's batches per second against the training step's. Prints a table and
+writes JSON (default outputs/benchmarks/<time>.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from scalelong.diffusion import NoisePredictor, get_sde, sample
+from scalelong.ema import EMA
+from scalelong.io import write_text
+from scalelong.models import build_backbone, uvit_from_preset
+
+
+# --- timing helpers --------------------------------------------------------------------------
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, steps: int, warmup: int, device: torch.device) -> float:
+    """Median seconds per call of ``fn`` after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def peak_memory_mb(device: torch.device) -> float | None:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return None  # no per-allocation peak on the CPU; see the process RSS instead
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+# --- the plain training step ------------------------------------------------------------------
+
+class PlainStep:
+    """One training step in plain PyTorch: the same work as ``DiffusionModule.training_step``
+    plus optimizer and EMA (no Lightning)."""
+
+    def __init__(self, net: nn.Module, shape, batch: int, device, precision: str):
+        self.net, self.device, self.precision = net.to(device).train(), device, precision
+        self.sde = get_sde("linear")
+        self.opt = torch.optim.AdamW(net.parameters(), lr=2e-4, betas=(0.99, 0.999), weight_decay=0.03,
+                                     fused=device.type == "cuda" or None)
+        self.ema = EMA(net, 0.9999).to(device)
+        self.x0 = torch.rand((batch, *shape), device=device) * 2 - 1
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+    def __call__(self) -> None:
+        b = self.x0.shape[0]
+        t = self.sde.sample_t(b, 1e-5, device=self.device)
+        noise = torch.randn_like(self.x0)
+        x_t = self.sde.marginal(self.x0, t, noise)
+        with autocast(self.device, self.precision):
+            pred = self.net(x_t, t * 999)
+        loss = F.mse_loss(pred.float(), noise)
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.opt)
+        torch.nn.utils.clip_grad_norm_(self.net.parameters(), math.inf, foreach=True)
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.ema.update(self.net)
+
+
+def build(backbone: str, preset: str, strategy: str, shape) -> nn.Module:
+    spec = {"name": strategy, "kappa": 0.5} if strategy == "constant" else {"name": strategy}
+    dataset = {"image_size": shape[1], "channels": shape[0]}
+    return build_backbone({"backbone": backbone, "preset": preset}, spec, dataset)
+
+
+def default_shape(backbone: str, preset: str) -> tuple[int, int, int]:
+    from scalelong.models import UNET_PRESETS, UVIT_PRESETS
+
+    p = (UVIT_PRESETS if backbone == "uvit" else UNET_PRESETS)[preset]
+    return (p.get("in_chans", 3), p.get("img_size", 32), p.get("img_size", 32))
+
+
+# --- a straightforward reference U-ViT, for comparison only ---------------------------------
+
+class ReferenceBlock(nn.Module):
+    """Textbook pre-norm transformer block: explicit softmax attention, no fused kernels."""
+
+    def __init__(self, dim: int, heads: int, skip: bool):
+        super().__init__()
+        self.heads = heads
+        self.skip = nn.Linear(2 * dim, dim) if skip else None
+        self.n1, self.n2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim, bias=False), nn.Linear(dim, dim)
+        self.fc1, self.fc2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+
+    def forward(self, x, s=None):
+        if self.skip is not None:
+            x = self.skip(torch.cat([x, s], -1))
+        b, n, d = x.shape
+        q, k, v = self.qkv(self.n1(x)).view(b, n, 3, self.heads, d // self.heads).unbind(2)
+        att = torch.einsum("bnhd,bmhd->bhnm", q, k) / math.sqrt(d // self.heads)
+        x = x + self.proj(torch.einsum("bhnm,bmhd->bnhd", att.softmax(-1), v).reshape(b, n, d))
+        return x + self.fc2(F.gelu(self.fc1(self.n2(x))))
+
+
+class ReferenceUViT(nn.Module):
+    def __init__(self, img_size=32, patch_size=2, in_chans=3, embed_dim=512, depth=12, num_heads=8, **_):
+        super().__init__()
+        self.p, self.c, self.d = patch_size, in_chans, embed_dim
+        n = (img_size // patch_size) ** 2
+        self.embed = nn.Conv2d(in_chans, embed_dim, patch_size, patch_size)
+        self.pos = nn.Parameter(torch.zeros(1, n + 1, embed_dim))
+        self.ins = nn.ModuleList(ReferenceBlock(embed_dim, num_heads, False) for _ in range(depth // 2))
+        self.mid = ReferenceBlock(embed_dim, num_heads, False)
+        self.outs = nn.ModuleList(ReferenceBlock(embed_dim, num_heads, True) for _ in range(depth // 2))
+        self.norm, self.dec = nn.LayerNorm(embed_dim), nn.Linear(embed_dim, patch_size**2 * in_chans)
+        self.final = nn.Conv2d(in_chans, in_chans, 3, padding=1)
+
+    def forward(self, x, t):
+        b, _, h, w = x.shape
+        half = self.d // 2
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, device=x.device) / half)
+        temb = torch.cat([torch.cos(t[:, None] * freqs), torch.sin(t[:, None] * freqs)], -1)
+        z = torch.cat([temb[:, None], self.embed(x).flatten(2).transpose(1, 2)], 1) + self.pos
+        skips = []
+        for blk in self.ins:
+            z = blk(z)
+            skips.append(z)
+        z = self.mid(z)
+        for blk in self.outs:
+            z = blk(z, skips.pop())
+        z = self.dec(self.norm(z))[:, 1:]
+        g, p = h // self.p, self.p
+        z = z.reshape(b, g, g, p, p, self.c).permute(0, 5, 1, 3, 2, 4).reshape(b, self.c, h, w)
+        return self.final(z)
+
+
+# --- the measurements --------------------------------------------------------------------------
+
+def bench_training(args, device) -> list[dict]:
+    rows = []
+    for spec in args.models.split(","):
+        backbone, preset = spec.split(":")
+        shape = default_shape(backbone, preset)
+        base = None
+        for strategy in args.strategies.split(","):
+            torch.manual_seed(0)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            step = PlainStep(build(backbone, preset, strategy, shape), shape, args.batch, device, args.precision)
+            sec = timed(step, args.steps, args.warmup, device)
+            row = {"what": "train_step", "backbone": backbone, "preset": preset, "strategy": strategy,
+                   "batch": args.batch, "ms_per_step": 1000 * sec, "images_per_s": args.batch / sec,
+                   "peak_memory_mb": peak_memory_mb(device)}
+            if strategy == "none":
+                base = sec
+            row["ratio_to_none"] = sec / base if base else None
+            rows.append(row)
+            print(_fmt(row), flush=True)
+            del step
+    return rows
+
+
+def bench_reference_uvit(args, device) -> list[dict]:
+    preset = args.reference_preset
+    from scalelong.models import UVIT_PRESETS
+
+    kw = UVIT_PRESETS[preset]
+    shape = (kw.get("in_chans", 3), kw["img_size"], kw["img_size"])
+    out = {}
+    for name, net in [("ours", uvit_from_preset(preset)), ("reference", ReferenceUViT(**kw))]:
+        torch.manual_seed(0)
+        step = PlainStep(net, shape, args.batch, device, args.precision)
+        out[name] = timed(step, args.steps, args.warmup, device)
+    row = {"what": "uvit_vs_reference", "preset": preset, "batch": args.batch,
+           "ours_ms": 1000 * out["ours"], "reference_ms": 1000 * out["reference"],
+           "ratio_ours_to_reference": out["ours"] / out["reference"]}
+    print(_fmt(row), flush=True)
+    return [row]
+
+
+def bench_lightning(args, device) -> list[dict]:
+    """Our Lightning step against the plain loop, same model preset, optimizer, EMA and batch."""
+    import pytorch_lightning as pl
+
+    from scalelong.data.images import InMemoryImages
+    from scalelong.data.module import DiffusionDataModule
+    from scalelong.training.module import DiffusionModule
+
+    backbone, preset = args.lightning_model.split(":")
+    shape = default_shape(backbone, preset)
+    config = {
+        "seed": 0, "dataset": {"name": "bench", "image_size": shape[1], "channels": shape[0], "random_flip": True},
+        "model": {"backbone": backbone, "preset": preset}, "scaling": {"name": "none"},
+        "diffusion": {"schedule": "linear"}, "ema": {"decay": 0.9999},
+        "optim": {"lr": 2e-4, "betas": [0.99, 0.999], "weight_decay": 0.03, "warmup_steps": 0},
+    }
+    n = args.batch * 4
+    images = torch.randint(0, 256, (n, *shape), dtype=torch.uint8)
+
+    class StepTimes(pl.Callback):
+        def __init__(self):
+            self.times, self.t0 = [], None
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            _sync(device)
+            self.t0 = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            _sync(device)
+            self.times.append(time.perf_counter() - self.t0)
+
+    torch.manual_seed(0)
+    module = DiffusionModule(config)
+    data = DiffusionDataModule(config["dataset"], args.batch, 0)
+    data.data = InMemoryImages(images)
+    timer = StepTimes()
+    precision = {"fp32": "32-true", "bf16": "bf16-mixed", "fp16": "16-mixed"}[args.precision]
+    trainer = pl.Trainer(accelerator=device.type if device.type != "cuda" else "gpu", devices=1, precision=precision,
+                         max_steps=args.warmup + args.steps, max_epochs=-1, logger=False, callbacks=[timer],
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         use_distributed_sampler=False, limit_val_batches=0, num_sanity_val_steps=0)
+    trainer.fit(module, datamodule=data)
+    lightning = statistics.median(timer.times[args.warmup:])
+
+    torch.manual_seed(0)
+    plain = timed(PlainStep(build(backbone, preset, "none", shape), shape, args.batch, device, args.precision),
+                  args.steps, args.warmup, device)
+    row = {"what": "lightning_vs_plain", "backbone": backbone, "preset": preset, "batch": args.batch,
+           "lightning_ms": 1000 * lightning, "plain_ms": 1000 * plain, "ratio_lightning_to_plain": lightning / plain}
+    print(_fmt(row), flush=True)
+    return [row]
+
+
+def bench_sampling(args, device) -> list[dict]:
+    backbone, preset = args.lightning_model.split(":")
+    shape = default_shape(backbone, preset)
+    net = build(backbone, preset, "none", shape).to(device).eval()
+    eps = NoisePredictor(net)
+    x = torch.randn(args.sample_batch, *shape, device=device)
+    t = torch.full((args.sample_batch,), 0.5, device=device)
+    with torch.no_grad(), autocast(device, args.precision):
+        nfe = timed(lambda: eps(x, t), args.steps, args.warmup, device)
+        sde = get_sde("linear")
+        solve = timed(lambda: sample(eps, sde, x, "dpm_solver", 50), 1, 0, device)
+    row = {"what": "sampling", "preset": preset, "batch": args.sample_batch,
+           "network_evals_per_s": args.sample_batch / nfe, "dpm_solver_50_images_per_s": args.sample_batch / solve}
+    print(_fmt(row), flush=True)
+    return [row]
+
+
+def bench_data(args, device, train_rows) -> list[dict]:
+    """Batches per second of the step-keyed loader over an in-memory set, to set against steps/s."""
+    from torch.utils.data import DataLoader
+
+    from scalelong.data.images import InMemoryImages, keep_batch
+    from scalelong.data.sampler import StepBatchSampler
+
+    images = torch.randint(0, 256, (50_000, 3, 32, 32), dtype=torch.uint8)  # CIFAR10-sized
+    loader = iter(DataLoader(InMemoryImages(images), batch_sampler=StepBatchSampler(50_000, args.batch, 0),
+                             collate_fn=keep_batch))
+    sec = timed(lambda: next(loader)["images"].to(device, non_blocking=True), 50, 5, device)
+    fastest = min((r["ms_per_step"] for r in train_rows), default=None)
+    row = {"what": "data_loader", "batch": args.batch, "batches_per_s": 1 / sec,
+           "fastest_train_steps_per_s": 1000 / fastest if fastest else None,
+           "loader_headroom": (1 / sec) / (1000 / fastest) if fastest else None}
+    print(_fmt(row), flush=True)
+    return [row]
+
+
+def _fmt(row: dict) -> str:
+    return "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
+
+
+def markdown(rows: list[dict], machine: str) -> str:
+    lines = [f"Machine: {machine}", "", "| measurement | figures |", "|---|---|"]
+    for r in rows:
+        figures = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items() if k != "what")
+        lines.append(f"| {r['what']} | {figures} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--models", default="uvit:uvit_s2_32,unet:ddpm_cifar10", help="backbone:preset,...")
+    p.add_argument("--strategies", default="none,learnable,learnable_nonshared")
+    p.add_argument("--lightning-model", default="uvit:uvit_s2_32")
+    p.add_argument("--reference-preset", default="uvit_s2_32")
+    p.add_argument("--sample-batch", type=int, default=16)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--only", default="train,reference,lightning,sampling,data")
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    machine = (torch.cuda.get_device_name(device) if device.type == "cuda"
+               else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    print(f"# {machine}, torch {torch.__version__}, precision {args.precision}, batch {args.batch}", flush=True)
+
+    only = set(args.only.split(","))
+    rows: list[dict] = []
+    train_rows = bench_training(args, device) if "train" in only else []
+    rows += train_rows
+    if "reference" in only:
+        rows += bench_reference_uvit(args, device)
+    if "lightning" in only:
+        rows += bench_lightning(args, device)
+    if "sampling" in only:
+        rows += bench_sampling(args, device)
+    if "data" in only:
+        rows += bench_data(args, device, train_rows)
+
+    out = args.out or Path("outputs/benchmarks") / time.strftime("%Y-%m-%d_%H-%M-%S.json")
+    result = {"machine": machine, "torch": torch.__version__, "args": vars(args) | {"out": str(out)}, "rows": rows}
+    write_text(out, json.dumps(result, indent=2, default=str) + "\n")
+    write_text(out.with_suffix(".md"), markdown(rows, machine))
+    print(f"wrote {out} and {out.with_suffix('.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
