@@ -16,4 +16,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    from scalelong.cli import check_output_folder
+
+    check_output_folder(sys.argv[1:])
     sys.exit(main())

@@ -53,3 +53,14 @@ def test_a_plain_run_makes_its_own_named_folder(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert list((tmp_path / "outputs" / "runs").iterdir()) == runs
     assert "Restored all states" in proc.stderr + proc.stdout
+
+
+def test_an_output_folder_that_cannot_be_made_is_one_line(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={blocker / 'run'}"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"error: cannot create the run folder {blocker / 'run'}: {blocker} is a file, not a folder; "
+        "choose another place with hydra.run.dir=..."]

@@ -159,3 +159,15 @@ def test_full_disk_during_a_checkpoint_save_keeps_the_previous_checkpoint(tmp_pa
         run["trainer"].save_checkpoint(run["checkpoint"])
     assert run["checkpoint"].read_bytes() == before
     assert not list(run["checkpoint"].parent.glob(".*.tmp"))
+
+
+def test_misconfigured_wandb_never_stops_training(tmp_path, monkeypatch):
+    # Online mode without an API key: W&B refuses at once; the run goes on with the CSV logger.
+    monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb_config"))  # no stored login
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.warns(UserWarning, match="W&B logger disabled"):
+        run = train(compose(["experiment=smoke", "logger=wandb", "train.max_steps=2"], tmp_path / "run"))
+    assert run["trainer"].global_step == 2
+    assert list((tmp_path / "run").glob("csv/version_0/metrics.csv"))

@@ -21,6 +21,25 @@ def fail(message: str, code: int = 2) -> None:
     raise SystemExit(code)
 
 
+def check_output_folder(argv: list[str]) -> None:
+    """Before Hydra makes the run folder: one line, not Hydra's traceback, when it cannot be made.
+
+    Looks at ``hydra.run.dir=`` / ``hydra.sweep.dir=`` on the command line, else ``outputs/``.
+    """
+    wanted = [a.split("=", 1)[1].strip('"\'') for a in argv if a.startswith(("hydra.run.dir=", "hydra.sweep.dir="))]
+    for folder in wanted or ["outputs"]:
+        path = Path(folder).absolute()
+        parent = path
+        while not parent.exists():
+            parent = parent.parent
+        if not parent.is_dir():
+            fail(f"cannot create the run folder {path}: {parent} is a file, not a folder; "
+                 "choose another place with hydra.run.dir=...")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            fail(f"cannot create the run folder {path}: {parent} is not writable; "
+                 "choose another place with hydra.run.dir=... or run from a writable folder")
+
+
 def _remove_if_untouched(run_dir: Path) -> None:
     """Remove a run folder that holds nothing but what Hydra wrote before the run started."""
     hydra_only = {".hydra", "train.log"}

@@ -53,19 +53,25 @@ def _wandb_logger(wandb_cfg: Mapping[str, Any], config: Mapping[str, Any], run_d
     # Offline unless asked otherwise, so a run never waits on the network; WANDB_MODE wins.
     mode = os.environ.get("WANDB_MODE") or ("offline" if wandb_cfg.get("offline", True) else "online")
     try:
-        return WandbLogger(
+        logger = WandbLogger(
             project=wandb_cfg.get("project", "scalelong"), entity=wandb_cfg.get("entity"),
             group=wandb_cfg.get("group"), tags=list(wandb_cfg.get("tags") or []),
             name=run_dir.name, id=run_id, resume="allow", save_dir=str(run_dir), mode=mode,
-            config=config,
+            config=config, settings=_wandb_settings(),
         )
+        if pl.utilities.rank_zero_only.rank == 0:
+            logger.experiment  # start the W&B run now, where a failure can still be caught
+        return logger
     except Exception as err:  # a logging problem must never stop training
-        warnings.warn(f"W&B logger disabled ({type(err).__name__}: {err}); metrics still go to metrics.csv")
+        warnings.warn(f"W&B logger disabled ({type(err).__name__}: {err}); metrics still go to the CSV logger")
         return None
 
 
-# The EMA copy is kept in eval mode on purpose (no dropout in the average's samples).
-warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+def _wandb_settings():
+    import wandb
+
+    # Online runs give up on an unreachable server after 30 s instead of the default 90 s.
+    return wandb.Settings(init_timeout=30)
 
 
 def build_extra_callbacks(spec: Mapping[str, Any] | None) -> list[pl.Callback]:
