@@ -52,6 +52,28 @@ def write_npy_stream(path: str | os.PathLike, shape: tuple[int, ...], dtype) -> 
             raise ValueError(f"{stream.rows} rows written to {path}, {shape[0]} announced")
 
 
+def write_images_npy(path: str | os.PathLike, images, count: int, size: int, desc: str, progress: bool = True,
+                     chunk: int = 256) -> Path:
+    """Write ``count`` uint8 (3, size, size) images from an iterator into one ``.npy``, atomically,
+    a block of ``chunk`` images at a time, with a progress bar."""
+    import sys
+
+    from tqdm import tqdm
+
+    with write_npy_stream(path, (count, 3, size, size), np.uint8) as stream, \
+            tqdm(total=count, desc=desc, unit="img", unit_scale=True, disable=not progress, file=sys.stderr) as bar:
+        block = []
+        for image in images:
+            block.append(image)
+            bar.update()
+            if len(block) == chunk:
+                stream.write(np.stack(block))
+                block = []
+        if block:
+            stream.write(np.stack(block))
+    return Path(path)
+
+
 def open_image_array(path: Path, image_shape: tuple[int, int, int], remake: str) -> torch.Tensor:
     """A prepared uint8 (N, C, H, W) ``.npy`` file as a memory-mapped tensor (no copy in RAM).
 

@@ -13,7 +13,6 @@ PIL image (torchvision's default interpolation). Flips happen at training time, 
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from scalelong.data.arrays import data_dir_of, default_workers, map_ordered, open_image_array, write_npy_stream
+from scalelong.data.arrays import data_dir_of, default_workers, map_ordered, open_image_array, write_images_npy
 from scalelong.data.images import InMemoryImages
 from scalelong.errors import DataError
 
@@ -115,8 +114,6 @@ def prepare_celeba64(data_dir: str | Path, size: int = 64, split: str = "train",
     The output is written atomically (no file until the last image is in); ``workers``
     processes decode JPEGs (default: up to 8).
     """
-    from tqdm import tqdm
-
     root = Path(data_dir)
     names = read_partition(root / "celeba" / "list_eval_partition.txt", split)
     if not names:
@@ -130,16 +127,6 @@ def prepare_celeba64(data_dir: str | Path, size: int = 64, split: str = "train",
     out = prepared_path(root, size, split)
     jobs = [(str(folder / name), size) for name in names]
     workers = default_workers() if workers is None else workers
-    with write_npy_stream(out, (len(jobs), 3, size, size), np.uint8) as stream:
-        block = []
-        with tqdm(total=len(jobs), desc=f"CelebA {split} -> {out.name}", unit="img", disable=not progress,
-                  file=sys.stderr) as bar:
-            for image in map_ordered(_crop_file, jobs, workers):
-                block.append(image)
-                bar.update()
-                if len(block) == chunk:
-                    stream.write(np.stack(block))
-                    block = []
-        if block:
-            stream.write(np.stack(block))
+    write_images_npy(out, map_ordered(_crop_file, jobs, workers), len(jobs), size,
+                     f"CelebA {split} -> {out.name}", progress, chunk)
     return out

@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image
 
 from scalelong.data.arrays import (data_dir_of, default_workers, load_label_array, map_ordered, open_image_array,
-                                   write_npy_stream)
+                                   write_images_npy, write_npy_stream)
 from scalelong.data.images import InMemoryImages
 from scalelong.errors import DataError
 from scalelong.io import atomic_write, write_text
@@ -277,8 +277,6 @@ def prepare_imagenet64_folder(train_dir: str | Path, out_dir: str | Path, size: 
     Also writes ``imagenet{size}_folder_classes.txt`` (label i's wnid on line i + 1). Outputs
     are atomic; ``workers`` processes decode JPEGs (default: up to 8).
     """
-    from tqdm import tqdm
-
     paths, labels, wnids = list_imagenet_folder(train_dir)
     if len(wnids) > num_classes:
         raise DataError(f"{train_dir} has {len(wnids)} class folders, more than num_classes={num_classes}; remove "
@@ -286,18 +284,8 @@ def prepare_imagenet64_folder(train_dir: str | Path, out_dir: str | Path, size: 
     images_out, labels_out = prepared_paths(Path(out_dir), "folder", size)
     jobs = [(str(p), size) for p in paths]
     workers = default_workers() if workers is None else workers
-    with write_npy_stream(images_out, (len(jobs), 3, size, size), np.uint8) as stream, \
-            tqdm(total=len(jobs), desc=f"ImageNet folder -> {images_out.name}", unit="img", unit_scale=True,
-                 disable=not progress, file=sys.stderr) as bar:
-        block = []
-        for image in map_ordered(_crop_file, jobs, workers):
-            block.append(image)
-            bar.update()
-            if len(block) == chunk:
-                stream.write(np.stack(block))
-                block = []
-        if block:
-            stream.write(np.stack(block))
+    write_images_npy(images_out, map_ordered(_crop_file, jobs, workers), len(jobs), size,
+                     f"ImageNet folder -> {images_out.name}", progress, chunk)
     _save_labels(labels_out, labels)
     write_text(Path(out_dir) / f"imagenet{size}_folder_classes.txt", "\n".join(wnids) + "\n")
     return images_out, labels_out
