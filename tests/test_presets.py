@@ -123,3 +123,21 @@ def test_unet_preset_trains_on_cifar10_files(tmp_path):
     result = train(compose([*overrides, *shrink, "model=unet", "model.preset=tiny", f"dataset.data_dir={data_root}"],
                            tmp_path / "run"))
     assert result["trainer"].global_step == 2
+
+
+def test_latent_samples_are_decoded_to_pixels_by_the_configured_autoencoder(tmp_path):
+    """dataset.decoder: a diffusers AutoencoderKL folder (here tiny and random) turns latent
+    samples into 256x256 RGB images (grids, FID)."""
+    pytest.importorskip("diffusers")
+    from test_data_coco import tiny_models, write_features
+
+    vae, _, _ = tiny_models(tmp_path / "models")
+    vae.save_pretrained(tmp_path / "vae")
+    data_root = tmp_path / "data"
+    write_features(data_root)
+    cfg = compose(["dataset=mscoco", *SHRINK, f"dataset.data_dir={data_root}", f"dataset.decoder={tmp_path / 'vae'}"],
+                  tmp_path / "run")
+    result = train(cfg)
+    images = result["module"].generate(2, "dpm_solver", 3, contexts=torch.randn(2, 77, 768), guidance_scale=1.0)
+    assert images.shape == (2, 3, 256, 256) and images.dtype == torch.uint8
+    assert (tmp_path / "run" / "samples" / "final.png").is_file()
