@@ -13,5 +13,9 @@ class DataError(ConfigError):
     """Missing, corrupt or mis-shaped input data (data sets, checkpoints, weights)."""
 
 
+class OutputError(ConfigError):
+    """An output (checkpoint, result file) cannot be written: full disk, no permission."""
+
+
 class TrainingDiverged(RuntimeError):
     """Too many steps in a row with a non-finite loss or gradient; the run stops."""

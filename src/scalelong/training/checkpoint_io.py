@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
+from scalelong.errors import OutputError
 from scalelong.io import atomic_write
 
 
@@ -16,5 +17,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options")
-        with atomic_write(path) as f:
-            torch.save(checkpoint, f)
+        try:
+            with atomic_write(path) as f:
+                torch.save(checkpoint, f)
+        except OSError as err:
+            raise OutputError(f"cannot write the checkpoint {path} ({err.strerror or err}); the previous one is "
+                              "intact. Free some space or choose another run folder (hydra.run.dir=...)") from err
