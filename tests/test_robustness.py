@@ -22,9 +22,10 @@ LONG = ["experiment=smoke", "logger=csv", "train.batch_size=16", "trainer.log_ev
 
 
 def start(run_dir: Path, *overrides: str) -> subprocess.Popen:
+    # The same environment as this process: the same thread count, hence the same float
+    # summation order, which the bit-for-bit comparison after a resume relies on.
     return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *LONG, *overrides, f"hydra.run.dir={run_dir}"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def wait_for_step(proc: subprocess.Popen, step: int, timeout: float = 120) -> None:
