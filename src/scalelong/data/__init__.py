@@ -14,7 +14,7 @@ from scalelong.data.coco import CocoLatentFeatures, load_coco, sample_latents
 from scalelong.data.digits import load_digits_images
 from scalelong.data.imagenet import load_imagenet64
 from scalelong.data.images import InMemoryImages
-from scalelong.data.sampler import BatchRequest, StepBatchSampler, check_global_batch, step_seed
+from scalelong.data.sampler import BatchRequest, StepBatchSampler, batch_len, check_global_batch, step_seed
 
 # name -> loader(dataset config) -> data set (InMemoryImages for pixels, CocoLatentFeatures for latents)
 LOADERS: dict[str, Callable[[Mapping[str, Any]], Dataset]] = {
@@ -39,6 +39,6 @@ def build_dataset(cfg: Mapping[str, Any]) -> Dataset:
     return data
 
 
-__all__ = ["BatchRequest", "CocoLatentFeatures", "InMemoryImages", "StepBatchSampler", "build_dataset",
+__all__ = ["BatchRequest", "batch_len", "CocoLatentFeatures", "InMemoryImages", "StepBatchSampler", "build_dataset",
            "check_global_batch", "load_celeba", "load_cifar10", "load_coco", "load_digits_images",
            "load_imagenet64", "sample_latents", "step_seed", "LOADERS"]

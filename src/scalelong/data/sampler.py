@@ -36,6 +36,15 @@ class BatchRequest:
     indices: list[int]
 
 
+# The key that holds a batch's items: pixel images, or autoencoder moments for latent data.
+ITEM_KEYS = ("images", "moments")
+
+
+def batch_len(batch: dict) -> int:
+    """Number of items in a loaded batch (this rank's part of the global batch)."""
+    return len(next(v for k, v in batch.items() if k in ITEM_KEYS))
+
+
 def check_global_batch(global_batch: int, world_size: int) -> int:
     """The per-device batch; a clear error when the global batch does not divide."""
     if global_batch < 1:

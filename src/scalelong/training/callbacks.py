@@ -12,7 +12,7 @@ from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from scalelong.data.sampler import BatchRequest
+from scalelong.data.sampler import BatchRequest, batch_len
 from scalelong.io import save_image_grid, write_bytes
 
 
@@ -37,7 +37,7 @@ class ProgressPrinter(pl.Callback):
         elapsed = time.perf_counter() - self._t0
         done = step - self._s0
         rate = done / elapsed if elapsed > 0 else 0.0
-        local = next(v for k, v in batch.items() if k in ("images", "moments")).shape[0]
+        local = batch_len(batch)
         images = rate * local * trainer.world_size
         left = (trainer.max_steps - step) / rate if rate > 0 else float("nan")
         loss = trainer.callback_metrics.get("train/loss")

@@ -1,8 +1,9 @@
 """The LightningModule: an epsilon-prediction diffusion model around one backbone and its strategy.
 
 Every random draw of a training step is a function of (seed, step): the times t, the noise, the
-flips (from explicit generators over the whole global batch, of which each rank takes its
-slice) and dropout (the global generator is reseeded per step and rank). So a resumed run repeats
+flips, the condition dropout and the latent posterior noise (from explicit generators over the
+whole global batch, of which each rank takes its slice) and dropout (the global generator is
+reseeded per step and rank). So a resumed run repeats
 an uninterrupted one, and W processes see the same global batch as one process.
 """
 
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from scalelong.data.coco import sample_latents
-from scalelong.data.sampler import step_seed
+from scalelong.data.sampler import batch_len, step_seed
 from scalelong.diffusion import TIME_INPUT_SCALE, TRAIN_T_EPS, NoisePredictor, get_sde, sample
 from scalelong.ema import EMA
 from scalelong.errors import ConfigError, TrainingDiverged
@@ -138,7 +139,7 @@ class DiffusionModule(pl.LightningModule):
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         step = int(batch["step"])
-        local = next(v for k, v in batch.items() if k in ("images", "moments")).shape[0]
+        local = batch_len(batch)
         world = self.trainer.world_size if self._trainer is not None else 1
         rank = self.trainer.global_rank if self._trainer is not None else 0
         torch.manual_seed(step_seed(self.seed, step, _STREAM_DROPOUT) + rank)

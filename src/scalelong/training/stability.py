@@ -47,7 +47,7 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
-from scalelong.data import BatchRequest
+from scalelong.data import BatchRequest, batch_len
 from scalelong.diffusion import TIME_INPUT_SCALE
 from scalelong.io import write_text
 from scalelong.models import UNet, UViT
@@ -316,7 +316,7 @@ class StabilityMonitor(pl.Callback):
         """Clean model-space inputs x0 (n, C, H, W) and the network's conditioning, as in training
         but with no flip and no condition dropout (pixels, latents, labels or text alike)."""
         batch = {k: v.to(pl_module.device) if isinstance(v, Tensor) else v for k, v in batch.items()}
-        n = len(next(v for k, v in batch.items() if k in ("images", "moments")))
+        n = batch_len(batch)
         draws = {"flip": torch.zeros(n, dtype=torch.bool, device=pl_module.device),
                  "drop": torch.ones(n, device=pl_module.device),  # never below a drop probability
                  "latent_noise": torch.randn((n, *pl_module.image_shape), generator=g).to(pl_module.device)}
