@@ -19,6 +19,16 @@ Defaults come from the checkpoint's data set config (``dataset.fid``: final_samp
 final_steps, guidance_scale, reference_split), else 50000 samples, euler_maruyama, 1000 steps.
 Reference statistics default to ``<cache>/fid_stats/{dataset}_{mode}_{split}_{res}.npz`` for the
 checkpoint's data set and reference split (see ``scripts/make_fid_stats.py``).
+
+MS-COCO text-to-image (U-ViT's protocol: 30k samples, DPM-Solver 50 steps, guidance 1, against
+val2014 at 256 px): sample i is conditioned on a random caption of a random val2014 image, read
+from the val split of the caption features (``--contexts``, default the checkpoint's
+``dataset.data_dir``), and its latents are decoded by the autoencoder (``--decoder``, default
+the checkpoint's ``dataset.decoder``)::
+
+    python scripts/make_fid_stats.py dataset=mscoco dataset.coco_dir=/data/coco     # once
+    python scripts/evaluate.py CKPT --contexts /data/coco256_features \
+        --decoder CompVis/stable-diffusion-v1-4 --decoder-subfolder vae
 """
 
 from __future__ import annotations
@@ -54,6 +64,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=4, help="threads resizing images for Inception")
     p.add_argument("--devices", type=int, default=None, help="GPUs to use without torchrun (default: all)")
     p.add_argument("--device", default=None, help="force one device (cpu, cuda:1); one process")
+    p.add_argument("--contexts", type=Path, default=None,
+                   help="text-to-image: the caption features folder (default: the checkpoint's dataset.data_dir)")
+    p.add_argument("--context-split", default=None, help="its split (default: dataset.fid.context_split, else val)")
+    p.add_argument("--decoder", default=None,
+                   help="latent models: the autoencoder, a diffusers folder or hub id (default: dataset.decoder)")
+    p.add_argument("--decoder-subfolder", default=None, help="e.g. vae for a whole Stable Diffusion repository")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--no-save-samples", action="store_true")
     return p.parse_args(argv)
@@ -83,6 +99,7 @@ def run(args: argparse.Namespace, device: str) -> int:
     from scalelong.diffusion import SAMPLERS
     from scalelong.errors import ConfigError, DataError
     from scalelong.io import save_image_grid, save_npz, write_text
+    from scalelong.metrics.conditioning import prepare_sampling, reference_resolution
     from scalelong.metrics.distributed import barrier, rank_and_world, rank_zero_first
     from scalelong.metrics.evaluation import evaluate_module
     from scalelong.metrics.inception import check_mode, load_inception
@@ -102,15 +119,15 @@ def run(args: argparse.Namespace, device: str) -> int:
     if args.sampler not in SAMPLERS:
         raise ConfigError(f"--sampler {args.sampler!r} is not a sampler; valid: {', '.join(sorted(SAMPLERS))}")
     guidance = args.guidance if args.guidance is not None else protocol.get("guidance_scale")
-    if getattr(module, "text_conditional", False):
-        raise ConfigError("FID of the text-to-image model needs the val2014 caption embeddings as conditions, "
-                          "which evaluate.py does not read yet")
     generate_kwargs = {"guidance_scale": float(guidance or 0.0)}
+    contexts = prepare_sampling(module, args.contexts, args.context_split, args.seed, args.decoder,
+                                args.decoder_subfolder)
     split = protocol.get("reference_split", "train")
-    ref_path = args.ref or default_reference_path(data["name"], args.mode, split, int(data["image_size"]))
+    ref_path = args.ref or default_reference_path(data["name"], args.mode, split, reference_resolution(data))
     if args.ref is None and not ref_path.is_file():
+        where = " dataset.coco_dir=/path/to/coco" if data.get("coco_dir") else ""
         raise DataError(f"no reference statistics for {data['name']} at {ref_path}; make them with `python "
-                        f"scripts/make_fid_stats.py dataset={data['name']} mode={args.mode} split={split}` "
+                        f"scripts/make_fid_stats.py dataset={data['name']} mode={args.mode} split={split}{where}` "
                         "or pass --ref PATH")
     ref = load_reference(ref_path)
     with rank_zero_first():
@@ -127,7 +144,7 @@ def run(args: argparse.Namespace, device: str) -> int:
               f"{extractor.weights.describe()}; reference {ref_path}", flush=True)
     result = evaluate_module(module, ref, extractor, args.num, args.sampler, args.steps, args.seed, args.chunk_size,
                              args.kid_max, args.feature_batch, args.workers, on_chunk, verbose=True,
-                             generate_kwargs=generate_kwargs)
+                             generate_kwargs=generate_kwargs, contexts=contexts)
     files = []
     if not args.no_save_samples and kept:
         indices = torch.cat([i for i, _ in kept]).numpy()
@@ -152,7 +169,9 @@ def run(args: argparse.Namespace, device: str) -> int:
             "ref_num": ref.num, "inception_sha1": result["inception_sha1"],
             "inception_weights": str(extractor.weights.path), "inception_source": extractor.weights.source,
             "checkpoint": str(args.checkpoint.resolve()), "checkpoint_step": checkpoint_step(args.checkpoint),
-            "use_ema": True, "samples": sorted(files), "seconds": result["seconds"], "warnings": result["warnings"],
+            "use_ema": True, "conditions": getattr(contexts, "source", None),
+            "decoder": getattr(module, "decoder_name", None) if getattr(module, "latent_scale", None) else None,
+            "decoder_subfolder": getattr(module, "decoder_subfolder", None), "samples": sorted(files), "seconds": result["seconds"], "warnings": result["warnings"],
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         report = {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in report.items()}

@@ -2,6 +2,7 @@
 
     python scripts/make_fid_stats.py dataset=digits [mode=clean] [split=train] [num=N] [out=PATH]
     python scripts/make_fid_stats.py dataset=cifar10 published=true     # clean-fid's own file (needs a network)
+    python scripts/make_fid_stats.py dataset=mscoco dataset.coco_dir=/data/coco   # val2014 at 256 px, streamed
 
 Arguments are ``key=value`` like ``train.py``'s. The data set is composed from ``conf/`` exactly
 as training composes it (``dataset=NAME`` and any ``dataset.KEY=VALUE`` overrides), so the

@@ -41,6 +41,7 @@ LATENT_SHAPE = (4, 32, 32)
 CONTEXT_SHAPE = (77, 768)
 IMAGE_SIZE = 256
 _STREAM_CAPTION = 16  # generator stream of the caption choice (the training module uses 1-3)
+_STREAM_EVAL_CAPTION = 17  # the captions that condition evaluation samples
 _NAME = re.compile(r"^(\d+)(?:_(\d+))?\.npy$")
 _COCO_SITE = "https://cocodataset.org/#download"
 
@@ -186,6 +187,25 @@ class CocoLatentFeatures(Dataset):
         batch = self._batch(0, [i])
         return {"moments": batch["moments"][0], "context": batch["context"][0]}
 
+    def sample_contexts(self, sample_indices: Tensor | Sequence[int], seed: int = 0) -> Tensor:
+        """Caption contexts (n, 77, 768) that condition the samples with these global indices.
+
+        As U-ViT's evaluation (random captions of the val split): the split's images are put in
+        one random order (from ``seed``) and cycled, and sample i takes a random caption of image
+        ``order[i % N]``. So 30k samples see 30k different val2014 images, and sample i's caption
+        depends only on (seed, i), never on how many processes draw the samples.
+        """
+        n = len(self)
+        if getattr(self, "_eval_order_seed", None) != seed:
+            g = torch.Generator().manual_seed(step_seed(seed, 0, _STREAM_EVAL_CAPTION))
+            self._eval_order, self._eval_order_seed = torch.randperm(n, generator=g).tolist(), seed
+        out = []
+        for i in torch.as_tensor(sample_indices).tolist():
+            item = self._eval_order[i % n]
+            k = step_seed(step_seed(seed, i, _STREAM_EVAL_CAPTION), item) % int(self.num_captions[item])
+            out.append(_load_feature(self.folder / f"{item}_{k}.npy", CONTEXT_SHAPE))
+        return torch.from_numpy(np.stack(out))
+
 
 def load_coco(cfg: Mapping[str, Any]) -> CocoLatentFeatures:
     """MS-COCO 256 features (see ``CocoLatentFeatures``).
@@ -196,6 +216,37 @@ def load_coco(cfg: Mapping[str, Any]) -> CocoLatentFeatures:
     root = data_dir_of(cfg, "MS-COCO 256 features", "train/{i}.npy, train/{i}_{k}.npy and empty_context.npy "
                        "(U-ViT's coco256_features)")
     return CocoLatentFeatures(root, split=str(cfg.get("split", "train")), seed=int(cfg.get("seed", 0)))
+
+
+class CocoImages:
+    """The images of a COCO 2014 split folder (``val2014/*.jpg``) as U-ViT's FID sees them.
+
+    Centre-cropped and resized to ``size`` (``center_crop_resize``), decoded on demand in
+    batches: the reference set of text-to-image FID, 40,504 images at 256 px (7.9 GB as uint8),
+    is streamed, never held in memory. Images are in file-name order (= COCO image id order).
+    """
+
+    def __init__(self, folder: str | Path, size: int = IMAGE_SIZE, workers: int = 4):
+        self.folder, self.size, self.workers = Path(folder), int(size), int(workers)
+        if not self.folder.is_dir():
+            raise DataError(f"COCO image folder {self.folder} not found: FID of the text-to-image model compares "
+                            f"with the {self.folder.name} images; get {self.folder.name}.zip from {_COCO_SITE}, "
+                            f"unzip it and set dataset.coco_dir to the folder that holds {self.folder.name}/")
+        self.files = sorted(p.name for p in self.folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+        if not self.files:
+            raise DataError(f"{self.folder} holds no .jpg images; unzip {self.folder.name}.zip from {_COCO_SITE} there")
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def take(self, indices: Tensor | Sequence[int]) -> Tensor:
+        """uint8 images (n, 3, size, size) of the given positions."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        paths = [self.folder / self.files[i] for i in torch.as_tensor(indices).tolist()]
+        with ThreadPoolExecutor(max(1, self.workers)) as pool:  # PIL releases the GIL while decoding
+            arrays = list(pool.map(lambda path: _read_image(path, self.size), paths))
+        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 
 # --- making the features (scripts/prepare_coco_features.py) ----------------------------------------

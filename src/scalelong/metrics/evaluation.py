@@ -21,10 +21,10 @@ from torch import Tensor
 
 from scalelong.errors import DataError
 from scalelong.metrics.distributed import broadcast_object, rank_and_world
-from scalelong.metrics.features import FeatureStats, iter_features, to_rgb_uint8
+from scalelong.metrics.features import FeatureStats, feature_device, iter_features, to_rgb_uint8
 from scalelong.metrics.frechet import frechet_distance, kernel_inception_distance
 from scalelong.metrics.reference import ReferenceStats, check_compatible
-from scalelong.metrics.sampling import generate_shard
+from scalelong.metrics.sampling import Contexts, generate_shard
 
 OnChunk = Callable[[Tensor, Tensor], None]
 
@@ -32,15 +32,18 @@ OnChunk = Callable[[Tensor, Tensor], None]
 def sample_feature_stats(module: Any, extractor: Callable[[Tensor], Tensor], num: int, sampler: str, steps: int,
                          seed: int = 0, chunk_size: int = 250, kid_max: int = 5000, feature_batch: int = 50,
                          workers: int = 1, on_chunk: OnChunk | None = None, verbose: bool = False,
-                         generate_kwargs: Mapping[str, Any] | None = None) -> FeatureStats:
+                         generate_kwargs: Mapping[str, Any] | None = None,
+                         contexts: Contexts | None = None) -> FeatureStats:
     """All-reduced ``FeatureStats`` of ``num`` samples shared over the ranks.
 
-    ``on_chunk(indices, images)`` sees each chunk of this rank (for example to save it).
+    ``on_chunk(indices, images)`` sees each chunk of this rank (for example to save it);
+    ``contexts`` conditions a text-to-image model (see ``generate_shard``).
     """
     rank, world = rank_and_world()
-    stats = FeatureStats(extractor.dim, _feature_device(extractor), kid_max)
+    stats = FeatureStats(extractor.dim, feature_device(extractor), kid_max)
     t0, done = time.perf_counter(), 0
-    for indices, images in generate_shard(module, num, sampler, steps, seed, chunk_size, rank, world, generate_kwargs):
+    for indices, images in generate_shard(module, num, sampler, steps, seed, chunk_size, rank, world, generate_kwargs,
+                                          contexts):
         if on_chunk is not None:
             on_chunk(indices, images)
         offset = 0
@@ -56,13 +59,6 @@ def sample_feature_stats(module: Any, extractor: Callable[[Tensor], Tensor], num
     if stats.count != num:
         raise RuntimeError(f"expected {num} samples over all ranks, got {stats.count}")
     return stats
-
-
-def _feature_device(extractor: Any) -> torch.device:
-    try:
-        return torch.device(extractor.device)
-    except (AttributeError, TypeError, RuntimeError):
-        return torch.device("cpu")
 
 
 def compare(stats: FeatureStats, ref: ReferenceStats, kid_subsets: int = 100, kid_subset_size: int = 1000,
@@ -84,13 +80,14 @@ def compare(stats: FeatureStats, ref: ReferenceStats, kid_subsets: int = 100, ki
 def evaluate_module(module: Any, ref: ReferenceStats, extractor: Callable[[Tensor], Tensor], num: int,
                     sampler: str, steps: int, seed: int = 0, chunk_size: int = 250, kid_max: int = 5000,
                     feature_batch: int = 50, workers: int = 1, on_chunk: OnChunk | None = None,
-                    verbose: bool = False, generate_kwargs: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                    verbose: bool = False, generate_kwargs: Mapping[str, Any] | None = None,
+                    contexts: Contexts | None = None) -> dict[str, Any]:
     """FID/KID of ``num`` EMA samples; the dict also says how they were made and with which weights."""
     warnings = check_compatible(ref, getattr(extractor, "mode", None), getattr(extractor, "sha1", None),
                                 extractor.dim)
     t0 = time.perf_counter()
     stats = sample_feature_stats(module, extractor, num, sampler, steps, seed, chunk_size, kid_max, feature_batch,
-                                 workers, on_chunk, verbose, generate_kwargs)
+                                 workers, on_chunk, verbose, generate_kwargs, contexts)
     result = compare(stats, ref)
     _, world = rank_and_world()
     result.update(sampler=sampler, steps=int(steps), seed=int(seed), chunk_size=int(chunk_size), world_size=world,
@@ -130,7 +127,7 @@ def quick_kid_fid(module: Any, dataset: Any, num: int = 200, sampler: str | None
     if extractor is None:
         extractor = load_inception(mode, device=device)
     pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:num]
-    ref_stats = FeatureStats(extractor.dim, _feature_device(extractor), kid_max=num)
+    ref_stats = FeatureStats(extractor.dim, feature_device(extractor), kid_max=num)
     for feats in iter_features(images[pick], extractor, 50, progress=verbose):
         ref_stats.update(feats)
     t1 = time.perf_counter()

@@ -57,7 +57,7 @@ def preprocess(images: Tensor, resize: Callable[[np.ndarray], np.ndarray], worke
     return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous()
 
 
-def _progress_fn(progress: Progress, total: int, desc: str) -> tuple[Callable[[int], None], Callable[[], None]]:
+def progress_reporter(progress: Progress, total: int, desc: str) -> tuple[Callable[[int], None], Callable[[], None]]:
     if callable(progress):
         return (lambda done: progress(done, total)), (lambda: None)
     if progress:
@@ -74,12 +74,20 @@ def _progress_fn(progress: Progress, total: int, desc: str) -> tuple[Callable[[i
     return (lambda done: None), (lambda: None)
 
 
+def feature_device(extractor: object) -> torch.device:
+    """Where an extractor's features come out (the CPU for one that does not say)."""
+    try:
+        return torch.device(extractor.device)
+    except (AttributeError, TypeError, RuntimeError):
+        return torch.device("cpu")
+
+
 @torch.no_grad()
 def iter_features(images: Tensor, extractor: Callable[[Tensor], Tensor], batch_size: int = 50,
                   workers: int = 1, progress: Progress = False, desc: str = "features") -> Iterable[Tensor]:
     """Yield the features (b, D) of successive batches of ``images``; extractor needs ``.resize``."""
     n = len(images)
-    update, close = _progress_fn(progress, n, desc)
+    update, close = progress_reporter(progress, n, desc)
     try:
         for lo in range(0, n, batch_size):
             x = preprocess(images[lo:lo + batch_size], extractor.resize, workers)

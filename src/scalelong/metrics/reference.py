@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -27,7 +27,7 @@ from torch import Tensor
 
 from scalelong.errors import ConfigError, DataError
 from scalelong.io import atomic_write, write_text
-from scalelong.metrics.features import feature_stats
+from scalelong.metrics.features import FeatureStats, feature_device, iter_features, progress_reporter
 from scalelong.metrics.inception import cache_dir, check_mode, file_digest
 
 # Data sets whose reference statistics clean-fid publishes: name -> (resolution, splits).
@@ -118,12 +118,26 @@ def check_compatible(ref: ReferenceStats, mode: str, weights_sha1: str | None, d
     return warnings
 
 
-def compute_reference(images: Tensor, extractor: Callable[[Tensor], Tensor], meta: Mapping[str, Any] | None = None,
-                      batch_size: int = 50, kid_max: int = 5000, workers: int = 1,
-                      progress: bool = False) -> ReferenceStats:
-    """Statistics of uint8 ``images`` (N, C, H, W); ``meta`` is stored with them."""
+def compute_reference(images: Tensor | ImageSource, extractor: Callable[[Tensor], Tensor],
+                      meta: Mapping[str, Any] | None = None, batch_size: int = 50, kid_max: int = 5000,
+                      workers: int = 1, progress: bool = False, order: Tensor | None = None) -> ReferenceStats:
+    """Statistics of uint8 ``images`` (N, C, H, W), or of an ``ImageSource`` read in pieces;
+    ``order`` picks (and orders) the images used; ``meta`` is stored with them."""
     t0 = time.perf_counter()
-    stats = feature_stats(images, extractor, batch_size, kid_max=kid_max, workers=workers, progress=progress)
+    source = TensorImages(images) if isinstance(images, Tensor) else images
+    order = torch.arange(len(source)) if order is None else torch.as_tensor(order)
+    if len(order) < 2:
+        raise DataError(f"reference statistics need at least 2 images, got {len(order)}")
+    stats = FeatureStats(extractor.dim, feature_device(extractor), kid_max)
+    update, close = progress_reporter(progress, len(order), "reference features")
+    try:
+        piece = batch_size * 8  # what one read holds in memory
+        for lo in range(0, len(order), piece):
+            for feats in iter_features(source.take(order[lo:lo + piece]), extractor, batch_size, workers):
+                stats.update(feats)
+            update(min(lo + piece, len(order)))
+    finally:
+        close()
     weights = getattr(extractor, "weights", None)
     info = {"mode": getattr(extractor, "mode", None), "weights_sha1": getattr(extractor, "sha1", None),
             "weights_source": getattr(weights, "source", None),
@@ -133,29 +147,60 @@ def compute_reference(images: Tensor, extractor: Callable[[Tensor], Tensor], met
     return ReferenceStats(stats.mean(), stats.cov(), stats.count, stats.kid_features() if kid_max else None, info)
 
 
-# Data sets whose loader has one split and ignores ``split`` (so a wrong one must be caught here).
-SINGLE_SPLIT = {"digits"}
+class ImageSource(Protocol):
+    """Images read a piece at a time: ``take(indices)`` -> uint8 (n, C, H, W)."""
+
+    def __len__(self) -> int: ...
+
+    def take(self, indices: Tensor) -> Tensor: ...
+
+
+class TensorImages:
+    """An ``ImageSource`` over uint8 images in memory (or memory-mapped)."""
+
+    def __init__(self, images: Tensor):
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def take(self, indices: Tensor) -> Tensor:
+        return self.images[indices]
+
+
+# Reference splits of data sets whose loader cannot check them: digits has one split and
+# ignores ``split``; MS-COCO's reference is a COCO 2014 image folder, not the features' split.
+KNOWN_SPLITS = {"digits": ["train"], "mscoco": ["val2014", "train2014"]}
 
 
 def check_split(dataset_cfg: Mapping[str, Any], split: str) -> None:
     """Refuse a split the data set cannot have; loaders that read ``split`` check it themselves."""
-    listed = dataset_cfg.get("splits") or (["train"] if dataset_cfg.get("name") in SINGLE_SPLIT else None)
+    listed = dataset_cfg.get("splits") or KNOWN_SPLITS.get(str(dataset_cfg.get("name")))
     if listed is not None and split not in listed:
         raise ConfigError(f"data set {dataset_cfg.get('name')!r} has no split {split!r}; "
                           f"valid splits: {', '.join(listed)}")
 
 
-def reference_images(dataset_cfg: Mapping[str, Any], split: str = "train") -> Tensor:
-    """The uint8 images (N, C, H, W) of a data set's ``split``, as training would load them.
+def reference_images(dataset_cfg: Mapping[str, Any], split: str = "train") -> ImageSource:
+    """The uint8 images of a data set's ``split`` as FID's reference sees them (an ``ImageSource``).
 
-    The loader receives the split as ``cfg["split"]`` (and rejects one it does not have);
-    a config may list its splits in ``splits``.
+    Pixel data sets: the images training loads (the loader receives the split as
+    ``cfg["split"]`` and rejects one it does not have; a config may list its splits in
+    ``splits``). MS-COCO: the COCO 2014 images of ``coco_dir/<split>`` at ``fid.reference_res``,
+    centre-cropped as U-ViT does and decoded on demand (``CocoImages``).
     """
+    check_split(dataset_cfg, split)
+    if dataset_cfg.get("name") == "mscoco":
+        from scalelong.data.coco import CocoImages
+
+        if not dataset_cfg.get("coco_dir"):
+            raise DataError("set dataset.coco_dir to the folder that holds COCO 2014's val2014/ images (FID's "
+                            "reference for MS-COCO)")
+        res = int((dataset_cfg.get("fid") or {}).get("reference_res") or 256)
+        return CocoImages(Path(str(dataset_cfg["coco_dir"])).expanduser() / split, res)
     from scalelong.data import build_dataset
 
-    check_split(dataset_cfg, split)
-    data = build_dataset({**dataset_cfg, "split": split})
-    return data.images
+    return TensorImages(build_dataset({**dataset_cfg, "split": split}).images)
 
 
 def published_reference(name: str, mode: str = "clean", split: str = "train",
@@ -216,20 +261,21 @@ def make_reference_stats(dataset_cfg: Mapping[str, Any], extractor: Callable[[Te
     ``num`` limits the count to the first ``num`` images of a fixed random permutation (seed 0);
     such a subset is saved as ``..._n{num}.npz`` unless ``out`` names the file.
     """
-    images = reference_images(dataset_cfg, split)
-    full = len(images)
+    source = reference_images(dataset_cfg, split)
+    full = len(source)
+    order = None
     if num is not None and num < full:
-        perm = torch.randperm(full, generator=torch.Generator().manual_seed(0))[:num]
-        images = images[perm]
+        order = torch.randperm(full, generator=torch.Generator().manual_seed(0))[:num]
+    count = full if order is None else len(order)
     name = str(dataset_cfg["name"])
-    res = int(images.shape[-1])
+    res = int(source.take(torch.tensor([0])).shape[-1])
     mode = getattr(extractor, "mode", "clean")
     meta = {"dataset": name, "split": split, "res": res, "dataset_size": full}
-    stats = compute_reference(images, extractor, meta, batch_size, kid_max, workers, progress)
+    stats = compute_reference(source, extractor, meta, batch_size, kid_max, workers, progress, order)
     if out is None:
         path = default_reference_path(name, mode, split, res)
-        if len(images) < full:  # a subset never takes the name of the full statistics
-            path = path.with_name(f"{path.stem}_n{len(images)}.npz")
+        if count < full:  # a subset never takes the name of the full statistics
+            path = path.with_name(f"{path.stem}_n{count}.npz")
     else:
         path = Path(out)
     save_reference(path, stats)

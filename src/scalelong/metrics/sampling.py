@@ -10,12 +10,13 @@ its own seed ``step_seed(seed, c, stream)``, and rank r takes chunks r, r + W, r
   and eight give the same set of images (up to the device's floating-point determinism).
 
 Class-conditional models get label ``i % num_classes`` for sample i, as ``generate`` would give
-one process.
+one process. Text-conditional models get ``contexts(indices)``: caption embeddings chosen by
+global index (``CocoLatentFeatures.sample_contexts``), so they too do not depend on the ranks.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -45,22 +46,36 @@ def shard(num: int, chunk_size: int, rank: int, world: int) -> list[tuple[int, i
             for c in range(rank, num_chunks(num, chunk_size), world)]
 
 
+Contexts = Callable[[Tensor], Tensor]
+
+
 def generate_shard(module: Any, num: int, sampler: str, steps: int, seed: int = 0, chunk_size: int = 250,
                    rank: int | None = None, world: int | None = None,
-                   generate_kwargs: Mapping[str, Any] | None = None) -> Iterator[tuple[Tensor, Tensor]]:
+                   generate_kwargs: Mapping[str, Any] | None = None,
+                   contexts: Contexts | None = None) -> Iterator[tuple[Tensor, Tensor]]:
     """Yield (global indices (n,), uint8 images (n, C, H, W)) for each of this rank's chunks.
 
     ``module`` is a ``DiffusionModule`` (EMA weights) or anything with the same ``generate``.
-    ``rank``/``world`` default to the process group's.
+    ``rank``/``world`` default to the process group's. ``contexts(indices)`` gives the caption
+    embeddings (n, tokens, dim) of a text-conditional model's samples.
     """
     if rank is None or world is None:
         rank, world = rank_and_world()
     num_classes = int(getattr(module, "num_classes", 0) or 0)
+    if getattr(module, "text_conditional", False) and contexts is None:
+        from scalelong.errors import ConfigError
+
+        raise ConfigError("samples of a text-to-image model need caption embeddings to condition on; pass the "
+                          "val split's caption features (evaluate.py --contexts, the FID callback reads "
+                          "dataset.data_dir)")
     for c, lo, n in shard(num, chunk_size, rank, world):
         indices = torch.arange(lo, lo + n)
         labels = indices % num_classes if num_classes else None
         if labels is not None and hasattr(module, "device"):
             labels = labels.to(module.device)
+        extra = dict(generate_kwargs or {})
+        if contexts is not None:
+            extra["contexts"] = contexts(indices)
         images = module.generate(n, sampler, steps, seed=chunk_seed(seed, c), use_ema=True, labels=labels,
-                                 batch_size=n, **dict(generate_kwargs or {}))
+                                 batch_size=n, **extra)
         yield indices, images

@@ -16,6 +16,11 @@ Reference statistics: ``ref`` (a path), or by default the data set's
 ``<cache>/fid_stats/{dataset}_{mode}_{split}_{res}.npz`` (make it with ``scripts/make_fid_stats.py``,
 or set ``build_reference: true`` to compute it from the data set at the start of training).
 Missing statistics or weights stop the run before its first step, with one message.
+
+Conditional models sample with ``guidance_scale`` (the data set's ``fid.guidance_scale``). A
+latent text-to-image model (MS-COCO) decodes its samples with ``dataset.decoder`` and conditions
+sample i on a caption of the features' val split (``scalelong.metrics.conditioning``); its
+reference is COCO's val2014 at 256 px (``dataset.coco_dir``).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import torch
 
 from scalelong.errors import ConfigError, DataError
 from scalelong.io import write_text
+from scalelong.metrics.conditioning import prepare_sampling, reference_resolution
 from scalelong.metrics.distributed import rank_zero_first
 from scalelong.metrics.evaluation import evaluate_module
 from scalelong.metrics.inception import check_mode, load_inception
@@ -58,7 +64,8 @@ def best_entry(history: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 class FIDCallback(pl.Callback):
     def __init__(self, every_n_steps: int = 50000, num_samples: int = 10000, sampler: str = "dpm_solver",
-                 steps: int = 50, seed: int = 0, mode: str = "clean", ref: str | None = None, split: str = "train",
+                 steps: int = 50, seed: int = 0, guidance_scale: float = 0.0, mode: str = "clean",
+                 ref: str | None = None, split: str = "train",
                  inception_weights: str | None = None, download: bool = True, build_reference: bool = False,
                  chunk_size: int = 250, feature_batch: int = 50, kid: bool = True, kid_max: int = 5000,
                  at_end: bool = False, history_file: str = "fid_history.json",
@@ -66,6 +73,8 @@ class FIDCallback(pl.Callback):
                  feature_extractor: Any = None, verbose: bool = True):
         self.every = int(every_n_steps)
         self.num, self.sampler, self.steps, self.seed = int(num_samples), sampler, int(steps), int(seed)
+        self.guidance_scale = float(guidance_scale or 0.0)
+        self.contexts = None  # caption embeddings of a text-to-image model's samples (set up in setup)
         self.mode = check_mode(mode)
         self.ref_path, self.split = ref, split
         self.weights_path, self.download = inception_weights, bool(download)
@@ -103,9 +112,11 @@ class FIDCallback(pl.Callback):
         if stage != "fit":
             return
         data_cfg = pl_module.config["dataset"]
-        if int(data_cfg.get("channels", 3)) not in (1, 3):
+        if int(data_cfg.get("channels", 3)) not in (1, 3) and not data_cfg.get("latent_scale"):
             raise ConfigError(f"FID needs images with 1 or 3 channels; data set {data_cfg['name']!r} has "
-                              f"{data_cfg['channels']} (latents must be decoded first); drop callbacks=fid")
+                              f"{data_cfg['channels']}; drop callbacks=fid")
+        # latents need a decoder; captions come from the val split of the features (U-ViT's protocol)
+        self.contexts = prepare_sampling(pl_module, seed=self.seed)
         device = trainer.strategy.root_device  # the module moves there only after setup
         if self.extractor is None:
             with rank_zero_first():  # one download into the shared cache
@@ -115,7 +126,7 @@ class FIDCallback(pl.Callback):
             self.extractor = self.extractor.to(device)
         mode = getattr(self.extractor, "mode", self.mode)
         path = Path(self.ref_path) if self.ref_path else default_reference_path(
-            data_cfg["name"], mode, self.split, int(data_cfg["image_size"]))
+            data_cfg["name"], mode, self.split, reference_resolution(data_cfg))
         if not path.is_file() and self.build_reference:
             with rank_zero_first():
                 if trainer.is_global_zero and not path.is_file():
@@ -147,9 +158,11 @@ class FIDCallback(pl.Callback):
         step = trainer.global_step
         self._last_step = step
         result = evaluate_module(pl_module, self.ref, self.extractor, self.num, self.sampler, self.steps, self.seed,
-                                 self.chunk_size, self.kid_max, self.feature_batch)
+                                 self.chunk_size, self.kid_max, self.feature_batch,
+                                 generate_kwargs={"guidance_scale": self.guidance_scale}, contexts=self.contexts)
         entry = {"step": step, "fid": result["fid"], "kid": result["kid"], "num": result["num"],
-                 "sampler": self.sampler, "steps": self.steps, "kid_std": result["kid_std"],
+                 "sampler": self.sampler, "steps": self.steps, "guidance_scale": self.guidance_scale,
+                 "kid_std": result["kid_std"],
                  "mode": result["mode"], "inception_sha1": result["inception_sha1"], "ref": result["ref"],
                  "ref_sha1": result["ref_sha1"], "seconds": result["seconds"], "world_size": result["world_size"],
                  "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}

@@ -72,6 +72,7 @@ class DiffusionModule(pl.LightningModule):
         self.text_drop_prob = float(data.get("text_drop_prob") or 0.0) if self.text_conditional else 0.0
         self.latent_scale = float(data["latent_scale"]) if data.get("latent_scale") else None
         self.decoder_name = data.get("decoder")
+        self.decoder_subfolder = data.get("decoder_subfolder")
         self._decoder = None
         self.random_flip = bool(data.get("random_flip", False))
         self.seed = int(config["seed"])
@@ -235,6 +236,10 @@ class DiffusionModule(pl.LightningModule):
             cond, null = {}, None
         return NoisePredictor(net, cond, null, guidance_scale=guidance_scale)
 
+    def set_decoder(self, name: str | None, subfolder: str | None = None) -> None:
+        """Decode latents with another autoencoder (a diffusers folder or hub id) from now on."""
+        self.decoder_name, self.decoder_subfolder, self._decoder = name, subfolder, None
+
     def decode(self, x: Tensor) -> Tensor:
         """Model-space samples -> uint8 pixels (N, 3 or C, H, W). Latents go through the
         configured autoencoder (``dataset.decoder``); without one, the first three latent
@@ -243,7 +248,9 @@ class DiffusionModule(pl.LightningModule):
             return to_uint8(x)
         if self.decoder_name:
             if self._decoder is None:
-                self._decoder = load_latent_decoder(self.decoder_name, self.device)
+                # not a registered submodule: checkpoints must not carry the frozen autoencoder
+                object.__setattr__(self, "_decoder", load_latent_decoder(self.decoder_name, self.device,
+                                                                         self.decoder_subfolder))
             with torch.autocast(self.device.type, enabled=False):
                 pixels = self._decoder.decode(x.float() / self.latent_scale).sample
             return to_uint8(pixels)
@@ -279,14 +286,16 @@ class DiffusionModule(pl.LightningModule):
         return torch.cat(out)
 
 
-def load_latent_decoder(name: str, device: torch.device):
-    """The Stable Diffusion autoencoder (diffusers ``AutoencoderKL``) from a path or hub id."""
+def load_latent_decoder(name: str, device: torch.device, subfolder: str | None = None):
+    """The Stable Diffusion autoencoder (diffusers ``AutoencoderKL``) from a path or hub id
+    (``subfolder`` "vae" for a whole Stable Diffusion repository)."""
     try:
         from diffusers import AutoencoderKL
     except ImportError:
         raise ConfigError("dataset.decoder needs diffusers: pip install diffusers") from None
     try:
-        return AutoencoderKL.from_pretrained(name).to(device).eval().requires_grad_(False)
+        kwargs = {"subfolder": subfolder} if subfolder else {}
+        return AutoencoderKL.from_pretrained(name, **kwargs).to(device).eval().requires_grad_(False)
     except Exception as err:
         raise ConfigError(f"cannot load the autoencoder {name!r} ({type(err).__name__}: {err}); "
                           "give dataset.decoder a local diffusers folder or a hub id reachable from here") from None
