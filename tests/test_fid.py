@@ -293,6 +293,36 @@ def test_published_cifar10_statistics_fail_clearly_offline(monkeypatch):
         published_reference("digits")
 
 
+def test_published_cifar10_statistics_are_converted_with_their_origin(tmp_path, monkeypatch, capsys):
+    """With a network, make_fid_stats.py published=true fetches clean-fid's file (here a stand-in in
+    clean-fid's format: an npz of mu and sigma) and stores it in this project's format and name."""
+    import cleanfid.downloads_helper as dh
+
+    mu, sigma = np.arange(4.0), random_spd(4, np.random.default_rng(0))
+    fetched = []
+
+    def download(local_folder, url):
+        fetched.append(url)
+        path = tmp_path / "cleanfid_stats" / url.rsplit("/", 1)[1]
+        path.parent.mkdir(exist_ok=True)
+        np.savez_compressed(path, mu=mu, sigma=sigma)
+        return str(path)
+
+    monkeypatch.setattr(dh, "check_download_url", download)
+    monkeypatch.setenv("SCALELONG_CACHE", str(tmp_path / "cache"))
+    assert _script("make_fid_stats").main(["dataset=cifar10", "published=true"]) == 0
+    assert fetched == ["https://www.cs.cmu.edu/~clean-fid/stats/cifar10_clean_train_32.npz"]
+    path = tmp_path / "cache" / "fid_stats" / "cifar10_clean_train_32.npz"
+    assert str(path) in capsys.readouterr().out
+    ref = load_reference(path)
+    np.testing.assert_array_equal(ref.mu, mu)
+    np.testing.assert_array_equal(ref.sigma, sigma)
+    assert ref.meta["source"] == fetched[0] and ref.meta["mode"] == "clean" and ref.weights_sha1 is None
+    # NVIDIA's weights are not recorded in the file: comparing says so instead of failing
+    warnings = check_compatible(ref, "clean", inc.DEFAULT_1_SHA1, 4)
+    assert len(warnings) == 1 and "do not record their Inception weights" in warnings[0]
+
+
 # --- Inception weights: resolution order and errors -------------------------------------------
 
 
