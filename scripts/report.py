@@ -552,8 +552,7 @@ def make_plots(runs: Sequence[Run], out: Path, targets: dict[str, float], smooth
 
 def write_report(paths: Sequence[str | Path], out: Path, target_fid: float | None = None, smooth: int = 1) -> Path:
     """Read the runs under ``paths``, write ``out/report.md`` and its plots; return the report path."""
-    runs = load_runs(paths)
-    out.mkdir(parents=True, exist_ok=True)
+    runs = load_runs(paths)  # every file below is written with atomic_write, which makes ``out``
     targets = fid_targets(runs, target_fid)
     plots = make_plots(runs, out, targets, smooth)
     parts = [
@@ -601,7 +600,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--smooth", type=int, default=1, help="moving-average window for the plotted lines")
     args = parser.parse_args(argv)
     out = args.out or (Path(args.paths[0]) / "report" if len(args.paths) == 1 else Path("report"))
-    path = write_report(args.paths, out, args.target_fid, args.smooth)
+    from scalelong.cli import fail
+    from scalelong.errors import ConfigError
+
+    try:
+        path = write_report(args.paths, out, args.target_fid, args.smooth)
+    except ConfigError as err:  # a full disk or an unwritable --out: one line, finished files intact
+        fail(str(err))
     print(f"report: {path}")
     return 0
 

@@ -51,8 +51,11 @@ def main(argv=None) -> int:
                              batch_size=args.batch_size, progress=True)
     took = time.perf_counter() - start
     out = args.out or args.checkpoint.resolve().parent.parent / "samples" / f"{args.sampler}_{args.steps}steps_{args.num}"
-    png = save_image_grid(images[:min(args.num, 400)], out.with_suffix(".png"))
-    npz = save_npz(out.with_suffix(".npz"), samples=images.permute(0, 2, 3, 1).numpy())
+    try:  # a full disk or an unwritable folder: one line (OutputError), the previous files intact
+        png = save_image_grid(images[:min(args.num, 400)], out.with_suffix(".png"))
+        npz = save_npz(out.with_suffix(".npz"), samples=images.permute(0, 2, 3, 1).numpy())
+    except ConfigError as err:
+        fail(str(err))
     print(f"{args.num} samples in {took:.1f}s ({args.num / took:.1f} img/s) -> {png}, {npz}")
     return 0
 

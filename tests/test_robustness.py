@@ -14,7 +14,6 @@ import torch
 from conftest import ROOT, compose
 
 from scalelong.errors import OutputError, TrainingDiverged
-from scalelong.io import atomic_write
 from scalelong.run import train
 from scalelong.training.module import DiffusionModule
 
@@ -134,17 +133,6 @@ def test_diverged_run_is_one_line_from_the_command_line(tmp_path):
     assert proc.returncode == 3, proc.stderr[-2000:]
     assert "error: 2 steps in a row had a non-finite loss or gradient" in proc.stderr
     assert "Traceback" not in proc.stderr
-
-
-def test_an_interrupted_write_keeps_the_previous_file(tmp_path):
-    target = tmp_path / "last.ckpt"
-    target.write_bytes(b"previous")
-    with pytest.raises(OSError):
-        with atomic_write(target) as f:
-            f.write(b"half of the new")
-            raise OSError(28, "No space left on device")
-    assert target.read_bytes() == b"previous"
-    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
 
 
 def test_full_disk_during_a_checkpoint_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):

@@ -30,7 +30,7 @@ def check_output_folder(argv: list[str]) -> None:
     for folder in wanted or ["outputs"]:
         path = Path(folder).absolute()
         parent = path
-        while not parent.exists():
+        while not _exists(parent):
             parent = parent.parent
         if not parent.is_dir():
             fail(f"cannot create the run folder {path}: {parent} is a file, not a folder; "
@@ -38,6 +38,13 @@ def check_output_folder(argv: list[str]) -> None:
         if not os.access(parent, os.W_OK | os.X_OK):
             fail(f"cannot create the run folder {path}: {parent} is not writable; "
                  "choose another place with hydra.run.dir=... or run from a writable folder")
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:  # a folder on the way that this user may not search: look further up
+        return False
 
 
 def _remove_if_untouched(run_dir: Path) -> None:

@@ -17,9 +17,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options")
+
+        def message(err: OSError) -> str:
+            return (f"cannot write the checkpoint {path} ({err.strerror or err}); the previous one is intact. "
+                    "Free some space or choose another run folder (hydra.run.dir=...)")
+
         try:
-            with atomic_write(path) as f:
+            with atomic_write(path, message=message) as f:
                 torch.save(checkpoint, f)
-        except OSError as err:
-            raise OutputError(f"cannot write the checkpoint {path} ({err.strerror or err}); the previous one is "
-                              "intact. Free some space or choose another run folder (hydra.run.dir=...)") from err
+        except OSError as err:  # one that atomic_write let through as not about the file
+            raise OutputError(message(err)) from err
