@@ -14,15 +14,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from scalelong.errors import DataError
-from scalelong.io import atomic_write
+from scalelong.errors import DataError, OutputError
+from scalelong.io import atomic_write, write_error_message
 
 
 class NpyStream:
     """Rows handed to ``write`` go straight to the file; see ``write_npy_stream``."""
 
-    def __init__(self, f, shape: tuple[int, ...], dtype: np.dtype):
+    def __init__(self, f, shape: tuple[int, ...], dtype: np.dtype, path: Path | None = None, existed: bool = False):
         self._f, self.shape, self.dtype = f, shape, dtype
+        self.path, self.existed = path, existed
         self.rows = 0
 
     def write(self, rows: np.ndarray) -> None:
@@ -31,7 +32,11 @@ class NpyStream:
             raise ValueError(f"rows of shape {rows.shape[1:]} written to an array of rows {self.shape[1:]}")
         if self.rows + len(rows) > self.shape[0]:
             raise ValueError(f"more than the announced {self.shape[0]} rows written")
-        self._f.write(rows.tobytes())
+        try:
+            self._f.write(rows.tobytes())
+        except OSError as err:  # named here, so that callers reading inputs in the same loop
+            # cannot mistake a full disk for a damaged input file
+            raise OutputError(write_error_message(Path(self.path or self._f.name), err, self.existed)) from err
         self.rows += len(rows)
 
 
@@ -43,10 +48,11 @@ def write_npy_stream(path: str | os.PathLike, shape: tuple[int, ...], dtype) -> 
     ``shape[0]`` rows were written; an error or a kill leaves no file (or the previous one).
     """
     dtype = np.dtype(dtype)
+    existed = os.path.exists(path)
     with atomic_write(path) as f:
         header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": tuple(shape)}
         np.lib.format.write_array_header_1_0(f, header)
-        stream = NpyStream(f, tuple(shape), dtype)
+        stream = NpyStream(f, tuple(shape), dtype, Path(path), existed)
         yield stream
         if stream.rows != shape[0]:
             raise ValueError(f"{stream.rows} rows written to {path}, {shape[0]} announced")

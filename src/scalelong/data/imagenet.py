@@ -32,7 +32,7 @@ from PIL import Image
 from scalelong.data.arrays import (data_dir_of, default_workers, load_label_array, map_ordered, open_image_array,
                                    write_images_npy, write_npy_stream)
 from scalelong.data.images import InMemoryImages
-from scalelong.errors import DataError
+from scalelong.errors import ConfigError, DataError
 from scalelong.io import atomic_write, write_text
 
 SOURCES = ("npz", "folder")
@@ -206,7 +206,7 @@ def prepare_imagenet64_npz(npz_dir: str | Path, out_dir: str | Path, size: int =
                         stream.write(rows.reshape(-1, 3, size, size))
                         bar.update(len(rows))
                     data.finish()
-            except DataError:
+            except ConfigError:  # our own messages (a bad label, a full disk) as they are
                 raise
             except (ValueError, zipfile.BadZipFile, OSError, EOFError, zlib.error) as err:
                 raise DataError(f"{path} is truncated or damaged ({type(err).__name__}: {err}); download it "
