@@ -4,6 +4,11 @@
 
 Writes ``<run>/samples/<sampler>_<steps>steps_<num>.png`` and ``.npz`` (key ``samples``:
 N x H x W x C uint8), unless ``--out`` names another path (its suffix is replaced).
+
+Text-to-image checkpoints (MS-COCO) condition sample i on a caption of a random image of the
+features' val split, as evaluation does (``--contexts``, default the checkpoint's
+``dataset.data_dir``), with guidance ``--guidance`` (default: the data set's). Latents are decoded
+by ``--decoder`` (default ``dataset.decoder``); without one the grid previews three latent channels.
 """
 
 from __future__ import annotations
@@ -26,6 +31,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-ema", action="store_true", help="sample from the raw weights instead of the EMA")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale (default: the data set's sample.guidance_scale, else 0)")
+    p.add_argument("--contexts", type=Path, default=None, help="text-to-image: the caption features folder")
+    p.add_argument("--context-split", default=None, help="its split (default: val)")
+    p.add_argument("--decoder", default=None, help="latent models: the autoencoder (diffusers folder or hub id)")
+    p.add_argument("--decoder-subfolder", default=None)
     p.add_argument("--out", type=Path, default=None)
     return p.parse_args(argv)
 
@@ -37,6 +48,7 @@ def main(argv=None) -> int:
     from scalelong.cli import fail
     from scalelong.errors import ConfigError
     from scalelong.io import save_image_grid, save_npz
+    from scalelong.metrics.conditioning import prepare_sampling
     from scalelong.training.checkpoints import load_module
 
     if args.num < 1 or args.steps < 1:
@@ -44,11 +56,16 @@ def main(argv=None) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
         module = load_module(args.checkpoint, device)
+        contexts = prepare_sampling(module, args.contexts, args.context_split, args.seed, args.decoder,
+                                    args.decoder_subfolder, require_decoder=False)
+        guidance = args.guidance if args.guidance is not None else module.config.get("sample", {}).get(
+            "guidance_scale", 0.0)
+        start = time.perf_counter()
+        images = module.generate(args.num, args.sampler, args.steps, seed=args.seed, use_ema=not args.no_ema,
+                                 batch_size=args.batch_size, progress=True, guidance_scale=float(guidance or 0.0),
+                                 contexts=None if contexts is None else contexts(torch.arange(args.num)))
     except ConfigError as err:
         fail(str(err))
-    start = time.perf_counter()
-    images = module.generate(args.num, args.sampler, args.steps, seed=args.seed, use_ema=not args.no_ema,
-                             batch_size=args.batch_size, progress=True)
     took = time.perf_counter() - start
     out = args.out or args.checkpoint.resolve().parent.parent / "samples" / f"{args.sampler}_{args.steps}steps_{args.num}"
     try:  # a full disk or an unwritable folder: one line (OutputError), the previous files intact

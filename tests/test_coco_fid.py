@@ -189,3 +189,22 @@ def test_in_training_fid_of_the_text_to_image_model(coco_run, tmp_path):
     history = json.loads((tmp_path / "run" / "fid_history.json").read_text())
     assert [e["step"] for e in history] == [2] and history[0]["num"] == 3 and history[0]["guidance_scale"] == 1.0
     assert history[0]["fid"] > 0 and (tmp_path / "run" / "checkpoints" / "best_fid.ckpt").is_file()
+
+
+def test_sample_script_conditions_a_text_checkpoint_on_val_captions(coco_run, tmp_path):
+    from scalelong.training.checkpoints import load_module
+
+    spec = importlib.util.spec_from_file_location("sample_script", ROOT / "scripts" / "sample.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "grid"
+    assert script.main([str(coco_run["checkpoint"]), "--num", "2", "--sampler", "dpm_solver", "--steps", "2",
+                        "--device", "cpu", "--out", str(out)]) == 0
+    with np.load(out.with_suffix(".npz")) as z:
+        samples = torch.from_numpy(z["samples"])
+    module = load_module(coco_run["checkpoint"], "cpu")
+    data = coco.CocoLatentFeatures(coco_run["root"] / "data", split="val")
+    expected = module.generate(2, "dpm_solver", 2, seed=0, contexts=data.sample_contexts([0, 1], 0),
+                               guidance_scale=1.0)
+    assert samples.shape == (2, 256, 256, 3) and torch.equal(samples, expected.permute(0, 2, 3, 1))
+    assert out.with_suffix(".png").is_file()

@@ -25,11 +25,13 @@ def reference_resolution(dataset_cfg: Mapping[str, Any]) -> int:
 
 
 def prepare_sampling(module: Any, data_dir: str | Path | None = None, split: str | None = None, seed: int = 0,
-                     decoder: str | None = None, decoder_subfolder: str | None = None) -> Contexts | None:
+                     decoder: str | None = None, decoder_subfolder: str | None = None,
+                     require_decoder: bool = True) -> Contexts | None:
     """Make ``module`` ready to give FID samples; returns the caption contexts of a text model.
 
     A latent model must decode to pixels: ``decoder`` (or the checkpoint's ``dataset.decoder``)
-    names the autoencoder, else a ``ConfigError`` says how to set it. A text-conditional model
+    names the autoencoder, else a ``ConfigError`` says how to set it (unless
+    ``require_decoder`` is false: previews of the latents will do). A text-conditional model
     reads its captions from ``data_dir`` (default ``dataset.data_dir``), split ``split``
     (default ``dataset.fid.context_split``, else ``val``).
     """
@@ -37,7 +39,7 @@ def prepare_sampling(module: Any, data_dir: str | Path | None = None, split: str
     if getattr(module, "latent_scale", None):
         if decoder:
             module.set_decoder(decoder, decoder_subfolder)
-        if not module.decoder_name:
+        if require_decoder and not module.decoder_name:
             raise ConfigError(f"FID of {data['name']} compares pixels, and this checkpoint names no autoencoder to "
                               f"decode its latents with; pass --decoder (evaluate.py) or set dataset.decoder. "
                               f"{DECODER_HINT}")
