@@ -13,6 +13,7 @@ from scalelong.scaling import (
     LearnableScaling,
     ScalingConfigError,
     TokenGate,
+    _MeanStd,
     build_skip_scaling,
 )
 
@@ -141,3 +142,120 @@ def test_a_strategy_object_serves_one_backbone_only():
     s = built("none")
     with pytest.raises(ScalingConfigError, match="already set up"):
         s.setup(TOKENS, "tokens")
+
+
+# --- the channel gate's fast statistics against a plain computation ---------------------------
+
+
+def reference_channel_gate(gate: ChannelGate, skip: torch.Tensor) -> torch.Tensor:
+    """The gate written plainly: torch.std_mean over positions, autograd for the backward."""
+    flat = skip.transpose(1, 2) if skip.dim() == 3 else skip.flatten(2)
+    std, mean = torch.std_mean(flat.float(), dim=-1, correction=0)
+    descriptor = torch.stack([mean, std], dim=1).to(skip.dtype)
+    g = torch.sigmoid(gate.mix2(torch.relu(gate.mix1(descriptor))))[:, 0]
+    return g.unsqueeze(1) if skip.dim() == 3 else g[:, :, None, None]
+
+
+def gated_and_grads(gate_fn, gate: ChannelGate, skip: torch.Tensor, upstream: torch.Tensor):
+    gate.zero_grad(set_to_none=True)
+    x = skip.detach().clone().requires_grad_(True)
+    out = x * gate_fn(x)
+    (out * upstream).sum().backward()
+    return out.detach(), x.grad, [p.grad.clone() for p in gate.parameters()]
+
+
+def random_skip_shapes(seed: int, n: int = 4):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda lo, hi: int(torch.randint(lo, hi, (1,), generator=g))  # noqa: E731
+    maps = [(r(1, 5), r(1, 40), r(1, 12), r(1, 12)) for _ in range(n)]  # (B, C, H, W)
+    tokens = [(r(1, 5), r(1, 70), r(1, 40)) for _ in range(n)]  # (B, L, D)
+    return maps + tokens
+
+
+@pytest.mark.parametrize("shape", random_skip_shapes(0) + [(8, 128, 32, 32), (2, 257, 512)])
+@pytest.mark.parametrize("offset", [0.0, 3.0])
+def test_channel_gate_equals_the_plain_computation(shape, offset):
+    torch.manual_seed(sum(shape))
+    gate = ChannelGate()
+    # Channels with their own scale and an offset: the statistics must not lose precision to it.
+    skip = torch.randn(shape) * torch.rand(shape[:2] + (1,) * (len(shape) - 2)) * 2 + offset
+    upstream = torch.randn(shape)
+    # Outputs and input gradients within 1e-6 / 1e-5; the gate's parameter gradients sum
+    # B * C * positions terms, so they are compared relative to their largest entry.
+    fast = gated_and_grads(gate, gate, skip, upstream)
+    plain = gated_and_grads(lambda x: reference_channel_gate(gate, x), gate, skip, upstream)
+    torch.testing.assert_close(fast[0], plain[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fast[1], plain[1], rtol=1e-5, atol=1e-6)
+    for a, b in zip(fast[2], plain[2]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+
+
+@pytest.mark.parametrize("shape, dims", [((3, 5, 4, 6), (2, 3)), ((2, 7, 5), (1,)), ((4, 3, 1, 1), (2, 3))])
+def test_fast_mean_std_is_std_mean_with_its_exact_gradient(shape, dims):
+    torch.manual_seed(0)
+    x = (torch.randn(shape, dtype=torch.float64) + 2).requires_grad_(True)
+    mean, std = _MeanStd.apply(x, dims)
+    ref_std, ref_mean = torch.std_mean(x, dim=dims, correction=0)
+    torch.testing.assert_close(mean, ref_mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(std, ref_std, rtol=1e-12, atol=1e-12)
+    g_mean, g_std = torch.randn_like(mean), torch.randn_like(std)
+    grad = torch.autograd.grad((mean * g_mean).sum() + (std * g_std).sum(), x)[0]
+    ref = torch.autograd.grad((ref_mean * g_mean).sum() + (ref_std * g_std).sum(), x)[0]
+    torch.testing.assert_close(grad, ref, rtol=1e-10, atol=1e-12)
+    if shape[-1] > 1:  # finite differences (a 1x1 map has std = 0, where std is not smooth)
+        assert torch.autograd.gradcheck(lambda t: _MeanStd.apply(t, dims), (x,))
+
+
+def test_channel_gate_on_constant_channels_and_channels_last_maps():
+    torch.manual_seed(0)
+    gate = ChannelGate()
+    skip = torch.randn(3, 6, 5, 4)
+    skip[0, 2] = 1.5  # std = 0: no gradient through the std, as torch.std_mean's backward
+    skip[1] = 0.0
+    upstream = torch.randn(skip.shape)
+    plain = gated_and_grads(lambda x: reference_channel_gate(gate, x), gate, skip, upstream)
+    for x in (skip, skip.contiguous(memory_format=torch.channels_last)):
+        fast = gated_and_grads(gate, gate, x, upstream)
+        assert torch.isfinite(fast[1]).all()
+        for a, b in zip([fast[0], fast[1], *fast[2]], [plain[0], plain[1], *plain[2]]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("spec", ["learnable", "learnable_nonshared"])
+@pytest.mark.parametrize("layout", ["channels", "tokens"])
+def test_coefficients_are_the_mean_and_spread_of_the_last_gate(spec, layout):
+    torch.manual_seed(0)
+    shapes = [(8, 6, 6), (16, 3, 3)] if layout == "channels" else [(20, 12), (20, 12)]
+    s = built({"name": spec, "gate": "channel"}, shapes, layout)
+    gates = []
+    for i, shape in enumerate(shapes, start=1):
+        skip = torch.randn(3, *shape)
+        s(skip, i)
+        gates.append(s._gate_for(i)(skip))
+    for c, g in zip(s.coefficients(), gates):
+        std, mean = torch.std_mean(g, correction=0)
+        assert (c.mean, c.std) == pytest.approx((mean.item(), std.item()), rel=1e-6)
+
+
+def test_token_gate_is_the_official_formula():
+    torch.manual_seed(0)
+    s = built("learnable", [(20, 12)] * 2)
+    skip = torch.randn(3, 20, 12, requires_grad=True)
+    out = s(skip, 2)
+    g = s.gate
+    expected = skip * torch.sigmoid(g.layer2(torch.relu(g.layer1(skip.mean(-1))))).unsqueeze(-1)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    assert list(dict(s.named_parameters())) == ["gate.layer1.weight", "gate.layer1.bias",
+                                                "gate.layer2.weight", "gate.layer2.bias"]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_channel_gate_on_half_precision_skips_keeps_fp32_statistics(dtype):
+    torch.manual_seed(0)
+    gate = ChannelGate().to(dtype)
+    skip, upstream = (torch.randn(2, 12, 6, 6) + 1).to(dtype), torch.randn(2, 12, 6, 6).to(dtype)
+    fast = gated_and_grads(gate, gate, skip, upstream)
+    plain = gated_and_grads(lambda x: reference_channel_gate(gate, x), gate, skip, upstream)
+    assert fast[0].dtype == fast[1].dtype == dtype
+    for a, b in zip([fast[0], fast[1], *fast[2]], [plain[0], plain[1], *plain[2]]):
+        torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2 * b.abs().max().item())
