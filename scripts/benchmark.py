@@ -351,8 +351,14 @@ def main(argv=None) -> int:
 
     out = args.out or Path("outputs/benchmarks") / time.strftime("%Y-%m-%d_%H-%M-%S.json")
     result = {"machine": machine, "torch": torch.__version__, "args": vars(args) | {"out": str(out)}, "rows": rows}
-    write_text(out, json.dumps(result, indent=2, default=str) + "\n")
-    write_text(out.with_suffix(".md"), markdown(rows, machine))
+    from scalelong.cli import fail
+    from scalelong.errors import ConfigError
+
+    try:  # a full disk or an unwritable --out: one line; the table above is already on screen
+        write_text(out, json.dumps(result, indent=2, default=str) + "\n")
+        write_text(out.with_suffix(".md"), markdown(rows, machine))
+    except ConfigError as err:
+        fail(str(err))
     print(f"wrote {out} and {out.with_suffix('.md')}")
     return 0
 
