@@ -301,6 +301,25 @@ def test_an_unwritable_output_folder_is_one_line(shared_tmp, mode):
     assert list(locked.iterdir()) == []
 
 
+def test_the_run_folder_check_names_an_unwritable_folder_even_as_root(tmp_path, monkeypatch, capsys):
+    """Where the test above cannot drop privileges: the same check, told by os.access that the
+    folder is not writable (what it says to a user without write permission)."""
+    from scalelong import cli
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(cli.os, "access", lambda path, mode: Path(path) != locked and real_access(path, mode))
+    with pytest.raises(SystemExit) as exit_:
+        cli.check_output_folder([f"hydra.run.dir={locked / 'run'}", "train.max_steps=3"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: cannot create the run folder {locked / 'run'}: {locked} is not writable; choose another place "
+        "with hydra.run.dir=... or run from a writable folder")
+    assert list(locked.iterdir()) == []
+    cli.check_output_folder([f"hydra.run.dir={tmp_path / 'free' / 'run'}"])  # a writable place passes
+
+
 # --- the scripts ----------------------------------------------------------------------------------
 
 
