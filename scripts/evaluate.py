@@ -99,11 +99,11 @@ def run(args: argparse.Namespace, device: str) -> int:
     from scalelong.diffusion import SAMPLERS
     from scalelong.errors import ConfigError, DataError
     from scalelong.io import save_image_grid, save_npz, write_text
-    from scalelong.metrics.conditioning import prepare_sampling, reference_resolution
+    from scalelong.metrics.conditioning import prepare_sampling
     from scalelong.metrics.distributed import barrier, rank_and_world, rank_zero_first
     from scalelong.metrics.evaluation import evaluate_module
     from scalelong.metrics.inception import check_mode, load_inception
-    from scalelong.metrics.reference import default_reference_path, load_reference
+    from scalelong.metrics.reference import default_reference_path, load_reference, reference_resolution
     from scalelong.training.checkpoints import load_module
 
     rank, world = rank_and_world()

@@ -23,8 +23,9 @@ from test_data_coco import CAPTIONS, write_coco, write_features
 
 from scalelong.data import coco
 from scalelong.errors import ConfigError, DataError
-from scalelong.metrics.conditioning import prepare_sampling, reference_resolution
-from scalelong.metrics.reference import compute_reference, load_reference, make_reference_stats, save_reference
+from scalelong.metrics.conditioning import prepare_sampling
+from scalelong.metrics.reference import (compute_reference, load_reference, make_reference_stats, reference_resolution,
+                                         save_reference)
 from scalelong.metrics.sampling import chunk_seed
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -21,7 +21,7 @@ from scalelong.io import atomic_write, write_error_message
 class NpyStream:
     """Rows handed to ``write`` go straight to the file; see ``write_npy_stream``."""
 
-    def __init__(self, f, shape: tuple[int, ...], dtype: np.dtype, path: Path | None = None, existed: bool = False):
+    def __init__(self, f, shape: tuple[int, ...], dtype: np.dtype, path: Path, existed: bool):
         self._f, self.shape, self.dtype = f, shape, dtype
         self.path, self.existed = path, existed
         self.rows = 0
@@ -36,7 +36,7 @@ class NpyStream:
             self._f.write(rows.tobytes())
         except OSError as err:  # named here, so that callers reading inputs in the same loop
             # cannot mistake a full disk for a damaged input file
-            raise OutputError(write_error_message(Path(self.path or self._f.name), err, self.existed)) from err
+            raise OutputError(write_error_message(self.path, err, self.existed)) from err
         self.rows += len(rows)
 
 

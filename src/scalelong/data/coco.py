@@ -162,6 +162,8 @@ class CocoLatentFeatures(Dataset):
                             f"{empty} (the empty prompt); {_prepare_hint(self.root)}")
         self.empty_context = torch.from_numpy(_load_feature(empty, CONTEXT_SHAPE).copy())
         self.num_captions = scan_features(self.folder)
+        self._eval_order: list[int] | None = None  # image order of sample_contexts, for _eval_order_seed
+        self._eval_order_seed: int | None = None
         # a wrong layout shows at once, not at the first batch
         _load_feature(self.folder / "0.npy", MOMENTS_SHAPE)
         _load_feature(self.folder / "0_0.npy", CONTEXT_SHAPE)
@@ -196,7 +198,7 @@ class CocoLatentFeatures(Dataset):
         depends only on (seed, i), never on how many processes draw the samples.
         """
         n = len(self)
-        if getattr(self, "_eval_order_seed", None) != seed:
+        if self._eval_order is None or self._eval_order_seed != seed:
             g = torch.Generator().manual_seed(step_seed(seed, 0, _STREAM_EVAL_CAPTION))
             self._eval_order, self._eval_order_seed = torch.randperm(n, generator=g).tolist(), seed
         out = []

@@ -8,7 +8,6 @@ Pixel models need none of this: ``prepare_sampling`` returns ``None`` for them.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +16,6 @@ from scalelong.metrics.sampling import Contexts
 
 DECODER_HINT = ("U-ViT decoded with the original Stable Diffusion KL-f8 autoencoder: dataset.decoder="
                 "CompVis/stable-diffusion-v1-4 dataset.decoder_subfolder=vae (or a local diffusers folder)")
-
-
-def reference_resolution(dataset_cfg: Mapping[str, Any]) -> int:
-    """The pixel resolution FID compares at: ``fid.reference_res`` (latent data sets), else the image size."""
-    return int((dataset_cfg.get("fid") or {}).get("reference_res") or dataset_cfg["image_size"])
 
 
 def prepare_sampling(module: Any, data_dir: str | Path | None = None, split: str | None = None, seed: int = 0,

@@ -54,6 +54,11 @@ class ReferenceStats:
         return self.meta.get("mode")
 
 
+def reference_resolution(dataset_cfg: Mapping[str, Any]) -> int:
+    """The pixel resolution FID compares at: ``fid.reference_res`` (latent data sets), else the image size."""
+    return int((dataset_cfg.get("fid") or {}).get("reference_res") or dataset_cfg["image_size"])
+
+
 def reference_filename(dataset: str, mode: str, split: str, res: int) -> str:
     return f"{dataset}_{mode}_{split}_{res}.npz".lower()
 
@@ -196,8 +201,7 @@ def reference_images(dataset_cfg: Mapping[str, Any], split: str = "train") -> Im
         if not dataset_cfg.get("coco_dir"):
             raise DataError("set dataset.coco_dir to the folder that holds COCO 2014's val2014/ images (FID's "
                             "reference for MS-COCO)")
-        res = int((dataset_cfg.get("fid") or {}).get("reference_res") or 256)
-        return CocoImages(Path(str(dataset_cfg["coco_dir"])).expanduser() / split, res)
+        return CocoImages(Path(str(dataset_cfg["coco_dir"])).expanduser() / split, reference_resolution(dataset_cfg))
     from scalelong.data import build_dataset
 
     return TensorImages(build_dataset({**dataset_cfg, "split": split}).images)

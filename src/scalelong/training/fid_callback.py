@@ -35,11 +35,12 @@ import torch
 
 from scalelong.errors import ConfigError, DataError
 from scalelong.io import write_text
-from scalelong.metrics.conditioning import prepare_sampling, reference_resolution
+from scalelong.metrics.conditioning import prepare_sampling
 from scalelong.metrics.distributed import rank_zero_first
 from scalelong.metrics.evaluation import evaluate_module
 from scalelong.metrics.inception import check_mode, load_inception
-from scalelong.metrics.reference import check_compatible, default_reference_path, load_reference, make_reference_stats
+from scalelong.metrics.reference import (check_compatible, default_reference_path, load_reference,
+                                        make_reference_stats, reference_resolution)
 
 
 def read_history(path: str | Path) -> list[dict[str, Any]]:
