@@ -8,12 +8,12 @@ import torch
 from scalelong.scaling import (
     STRATEGIES,
     ChannelGate,
-    _ChannelGated,
     ConstantScaling,
     LearnableNonSharedScaling,
     LearnableScaling,
     ScalingConfigError,
     TokenGate,
+    _MeanStd,
     build_skip_scaling,
 )
 
@@ -159,8 +159,7 @@ def reference_channel_gate(gate: ChannelGate, skip: torch.Tensor) -> torch.Tenso
 def gated_and_grads(gate_fn, gate: ChannelGate, skip: torch.Tensor, upstream: torch.Tensor):
     gate.zero_grad(set_to_none=True)
     x = skip.detach().clone().requires_grad_(True)
-    out = gate_fn(x)
-    out = out[0] if isinstance(out, tuple) else x * out
+    out = x * gate_fn(x)
     (out * upstream).sum().backward()
     return out.detach(), x.grad, [p.grad.clone() for p in gate.parameters()]
 
@@ -183,7 +182,7 @@ def test_channel_gate_equals_the_plain_computation(shape, offset):
     upstream = torch.randn(shape)
     # Outputs and input gradients within 1e-6 / 1e-5; the gate's parameter gradients sum
     # B * C * positions terms, so they are compared relative to their largest entry.
-    fast = gated_and_grads(lambda x: gate.scale(x), gate, skip, upstream)
+    fast = gated_and_grads(gate, gate, skip, upstream)
     plain = gated_and_grads(lambda x: reference_channel_gate(gate, x), gate, skip, upstream)
     torch.testing.assert_close(fast[0], plain[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(fast[1], plain[1], rtol=1e-5, atol=1e-6)
@@ -191,33 +190,20 @@ def test_channel_gate_equals_the_plain_computation(shape, offset):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
 
 
-@pytest.mark.parametrize("shape", [(3, 5, 4, 6), (2, 7, 5), (4, 3, 1, 2)])
-def test_fused_channel_gate_has_the_exact_gradient(shape):
-    """float64 finite differences through the one-node gate: the skip and all four parameters."""
+@pytest.mark.parametrize("shape, dims", [((3, 5, 4, 6), (2, 3)), ((2, 7, 5), (1,)), ((4, 3, 1, 1), (2, 3))])
+def test_fast_mean_std_is_std_mean_with_its_exact_gradient(shape, dims):
     torch.manual_seed(0)
-    gate = ChannelGate().double()
     x = (torch.randn(shape, dtype=torch.float64) + 2).requires_grad_(True)
-    params = list(gate.parameters())
-
-    def gated(t, *ps):
-        return _ChannelGated.apply(t, gate, (1,) if t.dim() == 3 else (2, 3), *ps)[0]
-
-    assert torch.autograd.gradcheck(gated, (x, *params))
-
-
-def test_fused_channel_gate_without_gradients_anywhere():
-    """Inference (no_grad) and frozen gates: the same values, and a skip gradient still flows."""
-    torch.manual_seed(0)
-    gate, skip = ChannelGate(), torch.randn(2, 6, 5, 5)
-    expected = skip * reference_channel_gate(gate, skip)
-    with torch.no_grad():
-        torch.testing.assert_close(gate.scale(skip)[0], expected, rtol=1e-5, atol=1e-6)
-    gate.requires_grad_(False)
-    x = skip.clone().requires_grad_(True)
-    gate.scale(x)[0].sum().backward()
-    ref = skip.clone().requires_grad_(True)
-    (ref * reference_channel_gate(gate, ref)).sum().backward()
-    torch.testing.assert_close(x.grad, ref.grad, rtol=1e-5, atol=1e-6)
+    mean, std = _MeanStd.apply(x, dims)
+    ref_std, ref_mean = torch.std_mean(x, dim=dims, correction=0)
+    torch.testing.assert_close(mean, ref_mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(std, ref_std, rtol=1e-12, atol=1e-12)
+    g_mean, g_std = torch.randn_like(mean), torch.randn_like(std)
+    grad = torch.autograd.grad((mean * g_mean).sum() + (std * g_std).sum(), x)[0]
+    ref = torch.autograd.grad((ref_mean * g_mean).sum() + (ref_std * g_std).sum(), x)[0]
+    torch.testing.assert_close(grad, ref, rtol=1e-10, atol=1e-12)
+    if shape[-1] > 1:  # finite differences (a 1x1 map has std = 0, where std is not smooth)
+        assert torch.autograd.gradcheck(lambda t: _MeanStd.apply(t, dims), (x,))
 
 
 def test_channel_gate_on_constant_channels_and_channels_last_maps():
@@ -229,7 +215,7 @@ def test_channel_gate_on_constant_channels_and_channels_last_maps():
     upstream = torch.randn(skip.shape)
     plain = gated_and_grads(lambda x: reference_channel_gate(gate, x), gate, skip, upstream)
     for x in (skip, skip.contiguous(memory_format=torch.channels_last)):
-        fast = gated_and_grads(lambda x: gate.scale(x), gate, x, upstream)
+        fast = gated_and_grads(gate, gate, x, upstream)
         assert torch.isfinite(fast[1]).all()
         for a, b in zip([fast[0], fast[1], *fast[2]], [plain[0], plain[1], *plain[2]]):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
@@ -268,17 +254,33 @@ def test_channel_gate_on_half_precision_skips_keeps_fp32_statistics(dtype):
     torch.manual_seed(0)
     gate = ChannelGate().to(dtype)
     skip, upstream = (torch.randn(2, 12, 6, 6) + 1).to(dtype), torch.randn(2, 12, 6, 6).to(dtype)
-    fast = gated_and_grads(lambda x: gate.scale(x), gate, skip, upstream)
+    fast = gated_and_grads(gate, gate, skip, upstream)
     plain = gated_and_grads(lambda x: reference_channel_gate(gate, x), gate, skip, upstream)
     assert fast[0].dtype == fast[1].dtype == dtype
     for a, b in zip([fast[0], fast[1], *fast[2]], [plain[0], plain[1], *plain[2]]):
         torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2 * b.abs().max().item())
 
 
+def test_channel_gate_under_bf16_autocast_matches_fp32():
+    """precision=bf16-mixed: fp32 gate parameters, a bf16 skip from the autocast convolutions.
+    The product and the skip's gradient come back in bf16, the parameters' gradients in fp32,
+    all within bf16 rounding of the fp32 computation."""
+    torch.manual_seed(0)
+    gate = ChannelGate()
+    skip, upstream = torch.randn(2, 12, 6, 6) + 1, torch.randn(2, 12, 6, 6)
+    exact = gated_and_grads(gate, gate, skip, upstream)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = gated_and_grads(gate, gate, skip.bfloat16(), upstream.bfloat16())
+    assert mixed[0].dtype == mixed[1].dtype == torch.bfloat16
+    assert all(g.dtype == torch.float32 for g in mixed[2])
+    for a, b in zip([mixed[0], mixed[1], *mixed[2]], [exact[0], exact[1], *exact[2]]):
+        torch.testing.assert_close(a.float(), b, rtol=2e-2, atol=2e-2 * b.abs().max().item())
+
+
 def test_compiled_channel_gate_matches_the_eager_one():
-    """model.compile=true traces the hand-written node whole (fullgraph) and gives the same
-    outputs and gradients as eager. Skips of several shapes, as in a UNet, so the recompilation
-    makes the shapes dynamic."""
+    """model.compile=true traces the gate, hand-written statistics included, as one graph
+    (fullgraph) and gives the same outputs and gradients as eager. Skips of several shapes, as
+    in a UNet, so the recompilation makes the shapes dynamic."""
     torch.manual_seed(0)
     shapes = [(6, 5, 5), (12, 3, 3), (12, 2, 2)]
     s = built("learnable", shapes, "channels")

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from scalelong.errors import ConfigError
@@ -207,11 +206,6 @@ class TokenGate(nn.Module):
         pooled = skip.mean(dim=-1)
         return torch.sigmoid(self.layer2(torch.relu(self.layer1(pooled)))).unsqueeze(-1)
 
-    def scale(self, skip: Tensor) -> tuple[Tensor, Tensor]:
-        """``(skip * gate, gate)``."""
-        gate = self(skip)
-        return skip * gate, gate
-
 
 class ChannelGate(nn.Module):
     """A shape-independent gate: one coefficient per sample and channel.
@@ -232,127 +226,41 @@ class ChannelGate(nn.Module):
         self.mix2 = nn.Conv1d(hidden, 1, kernel_size, padding=pad)
 
     def forward(self, skip: Tensor) -> Tensor:
-        """The gate alone, broadcastable against ``skip``: (B, C, 1, 1) or (B, 1, D).
-
-        Written plainly, for analyses; training goes through the cheaper ``scale``.
-        """
-        dims = _positions(skip)
-        std, mean = torch.std_mean(skip.to(torch.promote_types(skip.dtype, torch.float32)), dim=dims,
-                                   correction=0, keepdim=True)
-        descriptor = torch.stack([mean.squeeze(dims), std.squeeze(dims)], dim=1).to(skip.dtype)
-        return self.mix(descriptor).reshape(mean.shape)
-
-    def scale(self, skip: Tensor) -> tuple[Tensor, Tensor]:
-        """``(skip * gate, gate)``, the product in one autograd node (see ``_ChannelGated``)."""
-        return _ChannelGated.apply(skip, self, _positions(skip), *self.parameters())
-
-    def mix(self, descriptor: Tensor) -> Tensor:
-        """(B, 2, C) per-channel [mean, std] -> (B, C) gate."""
-        return torch.sigmoid(self.mix2(torch.relu(self.mix1(descriptor))))[:, 0]
+        tokens = skip.dim() == 3  # (B, L, D): channels last; else (B, C, H, W)
+        positions = (1,) if tokens else tuple(range(2, skip.dim()))
+        mean, std = _MeanStd.apply(skip, positions)
+        descriptor = torch.stack([mean, std], dim=1).to(skip.dtype)  # (B, 2, C)
+        gate = torch.sigmoid(self.mix2(torch.relu(self.mix1(descriptor))))[:, 0]  # (B, C)
+        return gate.unsqueeze(1) if tokens else gate[:, :, None, None]
 
 
-def _positions(skip: Tensor) -> tuple[int, ...]:
-    """The position axes of a skip: (1,) for (B, L, D) tokens, (2, 3) for a (B, C, H, W) map."""
-    return (1,) if skip.dim() == 3 else tuple(range(2, skip.dim()))
+class _MeanStd(torch.autograd.Function):
+    """``torch.std_mean(x, dims, correction=0)`` in at least fp32 (returned as mean, std), cheaper.
 
-
-class _ChannelGated(torch.autograd.Function):
-    """``skip * gate`` with ``gate = mix([mean, std] of skip over positions)``, as one node.
-
-    Written plainly (``torch.std_mean``, two Conv1d, then the product) the gate was most of the
-    ~3% that ``learnable`` added to a UNet training step on the CPU: ``std_mean``'s Welford pass,
-    oneDNN's per-call cost on the tiny convolutions (~0.17 ms per backward), a dozen small autograd
-    nodes per LSC and four skip-sized temporaries in the backward. Here the forward takes the mean
-    and then the norm of skip - mean (two-pass, so an offset costs no precision) and runs the mix
-    as two small matmuls (``_MatmulMix``). The backward needs the gate's gradient, the sum over
-    positions of grad * skip, before the descriptor's, so it does the mix's backward itself and
-    writes the skip's gradient in one buffer:
-
-        grad_skip = grad * gate + (skip - mean) * a + g_mean / n,  with a = g_std / (n std)
-
-    Statistics and the mix run in at least fp32, so a bf16/fp16 skip is not copied to fp32 for
-    the backward. As ``torch.std_mean``, a channel with std = 0 passes no gradient through its std.
+    On the CPU ``std_mean``'s Welford pass took about 40x as long as a plain sum, and its
+    backward several full-size passes; together they were most of the ~3% a channel gate added
+    to a UNet training step. Here: mean, then the norm of x - mean, and a backward of two cheap
+    passes, grad_x = g_mean / n + (x - mean) * g_std / (n std) per row. The reduction runs over
+    ``dims`` in place, so channels-last maps and (B, L, D) tokens need no copy, and a bf16/fp16
+    skip is not kept as an fp32 copy for the backward. As in torch, a row with std = 0 gets no
+    gradient through its std.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, gate_module: ChannelGate, dims: tuple[int, ...], *params: Tensor):
+    def forward(ctx, x: Tensor, dims: tuple[int, ...]) -> tuple[Tensor, Tensor]:
         n = math.prod([x.shape[d] for d in dims])
         mean = x.mean(dims, keepdim=True, dtype=torch.promote_types(x.dtype, torch.float32))
-        centred = x - mean
-        std = torch.linalg.vector_norm(centred, dim=dims, keepdim=True) / math.sqrt(n)
-        descriptor = torch.stack([mean.squeeze(dims), std.squeeze(dims)], dim=-1)  # (B, C, 2)
-        mix = _MatmulMix(gate_module, descriptor)
-        # Broadcast shape against x: (B, C, 1, 1) for maps, (B, 1, D) for tokens.
-        g = mix.gate.reshape(mean.shape).to(x.dtype)
-        ctx.save_for_backward(x, mean, std, g)
-        ctx.mix, ctx.n, ctx.dims = mix, n, dims
-        ctx.mark_non_differentiable(g)
-        # The product goes into the centred copy's memory where the dtypes allow: on the CPU a
-        # fresh skip-sized buffer costs page faults, and this is one fewer per LSC and step.
-        out = torch.mul(x, g, out=centred) if centred.dtype == x.dtype else x * g
-        return out, g
+        std = torch.linalg.vector_norm(x - mean, dim=dims, keepdim=True) / math.sqrt(n)
+        ctx.save_for_backward(x, mean, std)
+        ctx.n = n
+        return mean.squeeze(dims), std.squeeze(dims)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out: Tensor, _grad_gate_output: Tensor):
-        x, mean, std, g = ctx.saved_tensors
-        product = grad_out * x
-        grad_gate = product.sum(ctx.dims, dtype=mean.dtype)
-        g_desc, param_grads = ctx.mix.backward(grad_gate.reshape(ctx.mix.gate.shape))
-        g_mean, g_std = g_desc[..., 0].reshape(mean.shape), g_desc[..., 1].reshape(std.shape)
-        grad_x = None
-        if ctx.needs_input_grad[0]:  # centred first: x * a - mean * a would cancel on an offset
-            a = torch.where(std > 0, g_std / (ctx.n * std), 0.0)
-            # As in the forward, the product's buffer is reused for the gradient when it can be.
-            centred = torch.sub(x, mean, out=product) if product.dtype == mean.dtype else x - mean
-            grad_x = centred.mul_(a).add_(g_mean / ctx.n).addcmul_(grad_out, g).to(x.dtype)
-        wanted = ctx.needs_input_grad[3:]
-        return grad_x, None, None, *(gp if w else None for gp, w in zip(param_grads, wanted))
-
-
-class _MatmulMix:
-    """``ChannelGate.mix`` on a (B, C, 2) descriptor as two matmuls, with its backward by hand.
-
-    A kernel-k Conv1d across channels is a matmul of each channel's zero-padded k-neighbourhood
-    (``_columns``) with the weight flattened to (out, in * k). Runs in the descriptor's dtype
-    (fp32 or wider) whatever the autocast state, and keeps what its backward needs.
-    """
-
-    def __init__(self, gate: ChannelGate, descriptor: Tensor) -> None:
-        self.params = (gate.mix1.weight, gate.mix1.bias, gate.mix2.weight, gate.mix2.bias)
-        dtype = descriptor.dtype
-        w1, b1, w2, b2 = (p.to(dtype) for p in self.params)
-        self.k = w1.shape[-1]
-        self.w1, self.w2 = w1.reshape(w1.shape[0], -1), w2.reshape(1, -1)
-        self.batch, self.channels = descriptor.shape[:2]
-        with torch.autocast(descriptor.device.type, enabled=False):
-            self.cols1 = self._columns(descriptor)  # (B*C, 2k)
-            self.pre1 = torch.addmm(b1, self.cols1, self.w1.t())  # (B*C, hidden)
-            self.cols2 = self._columns(self.pre1.relu().view(self.batch, self.channels, -1))
-            self.gate = torch.sigmoid(torch.addmm(b2, self.cols2, self.w2.t())).view(self.batch, self.channels)
-
-    def _columns(self, x: Tensor) -> Tensor:
-        """(B, C, I) -> (B*C, I*k): channel c's inputs at c - k//2 ... c + k//2 (zero outside)."""
-        pad = self.k // 2
-        return F.pad(x, (0, 0, pad, pad)).unfold(1, self.k, 1).reshape(self.batch * self.channels, -1)
-
-    def _columns_adjoint(self, cols: Tensor) -> Tensor:
-        """The transpose of ``_columns``: (B*C, I*k) -> (B, C, I), summing what overlapped."""
-        pad, c = self.k // 2, self.channels
-        cols = cols.view(self.batch, c, -1, self.k)
-        out = cols.new_zeros(self.batch, c + 2 * pad, cols.shape[2])
-        for j in range(self.k):
-            out[:, j:j + c] += cols[..., j]
-        return out[:, pad:pad + c]
-
-    def backward(self, grad_gate: Tensor) -> tuple[Tensor, list[Tensor]]:
-        """Gradient of the descriptor (B, C, 2), and of mix1.weight, mix1.bias, mix2.weight, mix2.bias."""
-        with torch.autocast(grad_gate.device.type, enabled=False):
-            g2 = (grad_gate * self.gate * (1 - self.gate)).reshape(-1, 1)  # through the sigmoid
-            g1 = self._columns_adjoint(g2 @ self.w2).reshape(self.pre1.shape) * (self.pre1 > 0)
-            grad_desc = self._columns_adjoint(g1 @ self.w1)
-            grads = [g1.t() @ self.cols1, g1.sum(0), g2.t() @ self.cols2, g2.sum(0)]
-        return grad_desc, [g.reshape(p.shape).to(p.dtype) for g, p in zip(grads, self.params)]
+    def backward(ctx, g_mean: Tensor, g_std: Tensor) -> tuple[Tensor, None]:
+        x, mean, std = ctx.saved_tensors
+        a = torch.where(std > 0, g_std.reshape(std.shape) / (ctx.n * std), 0.0)
+        return (x - mean).mul_(a).add_(g_mean.reshape(mean.shape) / ctx.n).to(x.dtype), None
 
 
 GATES = ("token", "channel")
@@ -369,8 +277,8 @@ class _GatedScaling(SkipScaling):
         self.reduction = int(reduction)
         self.hidden = int(hidden)
         self.kernel_size = int(kernel_size)
-        # Per LSC index, the detached gate of the last forward pass (for logging and analyses).
-        self.last_gates: dict[int, Tensor] = {}
+        # Per LSC, the detached gate of the last forward pass (for logging).
+        self._last_gate: dict[int, Tensor] = {}
 
     def _resolve_gate(self, skip_shapes, layout) -> str:
         # The official per-token gate on token layouts; the channel gate where shapes differ.
@@ -395,15 +303,15 @@ class _GatedScaling(SkipScaling):
 
     def forward(self, skip: Tensor, index: int) -> Tensor:
         self._check_index(index)
-        scaled, gate = self._gate_for(index).scale(skip)
+        gate = self._gate_for(index)(skip)
         # Keep the small gate itself; its statistics are computed only when someone asks.
-        self.last_gates[index] = gate.detach()
-        return scaled
+        self._last_gate[index] = gate.detach()
+        return skip * gate
 
     def coefficients(self) -> list[SkipCoefficient]:
         out = []
         for i in range(1, (self.num_skips or 0) + 1):
-            gate = self.last_gates.get(i)
+            gate = self._last_gate.get(i)
             if gate is None:
                 out.append(SkipCoefficient(math.nan, math.nan))
             else:
