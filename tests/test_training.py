@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 
 import pytest
 import torch
@@ -76,6 +77,27 @@ def test_ema_stays_in_eval_mode():
     ema = EMA(torch.nn.Dropout(0.5), 0.99)
     ema.train()
     assert not ema.module.training
+
+
+def test_the_ema_copy_in_eval_mode_is_not_reported_as_a_problem(tmp_path, monkeypatch):
+    """Lightning warns about modules in eval mode at the start of fit; the EMA copy is one on
+    purpose, so a run says nothing. Any other module left in eval mode is still reported."""
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        train(smoke(tmp_path / "plain"))
+    assert not [w for w in seen if "in eval mode" in str(w.message)]
+
+    class FrozenNet(DiffusionModule):
+        def __init__(self, config):
+            super().__init__(config)
+            self.net.eval()
+            self.net.train = lambda mode=True: self.net  # stays in eval mode through fit
+
+    monkeypatch.setattr("scalelong.run.DiffusionModule", FrozenNet)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        train(smoke(tmp_path / "frozen"))
+    assert [w for w in seen if "in eval mode" in str(w.message)]
 
 
 def _fixed_loss(module: DiffusionModule, images: torch.Tensor) -> float:

@@ -116,6 +116,11 @@ def _quick_eval(module: DiffusionModule, data: DiffusionDataModule, num: int, ru
     return {"eval/quick_kid": float(result["kid"]), "eval/quick_fid": float(result["fid"])}
 
 
+def _only_the_ema_copy_in_eval_mode(module: DiffusionModule) -> bool:
+    ema = {id(m) for m in module.ema.modules()}
+    return all(m.training or id(m) in ema for m in module.modules())
+
+
 def train(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     """Train as ``cfg`` says; return the run folder, the last checkpoint and the final metrics."""
     config = to_plain(cfg)
@@ -138,7 +143,12 @@ def train(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     if trainer.is_global_zero:
         write_text(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(config)))
 
-    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    with warnings.catch_warnings():
+        if _only_the_ema_copy_in_eval_mode(module):
+            # EMA.train keeps the average in eval mode on purpose; Lightning would count its
+            # modules and warn that they are "in eval mode at the start of training".
+            warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     quick = config.get("quick_eval")
