@@ -195,6 +195,16 @@ def test_a_checkpoint_on_a_full_disk_keeps_its_own_message(tmp_path, full_disk):
     assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]
 
 
+def test_a_first_checkpoint_on_a_full_disk_does_not_claim_a_previous_one(tmp_path, full_disk):
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    full_disk()
+    with pytest.raises(OutputError) as info:
+        AtomicCheckpointIO().save_checkpoint({"global_step": 2, "w": torch.ones(10_000)}, path)
+    assert str(info.value) == (f"cannot write the checkpoint {path} (No space left on device); no partial "
+                               "checkpoint is left. Free some space or choose another run folder (hydra.run.dir=...)")
+    assert list(path.parent.iterdir()) == []
+
+
 # --- train.py -----------------------------------------------------------------------------------
 
 

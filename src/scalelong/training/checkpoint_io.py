@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -18,8 +19,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options")
 
+        kept = "the previous one is intact" if os.path.exists(path) else "no partial checkpoint is left"
+
         def message(err: OSError) -> str:
-            return (f"cannot write the checkpoint {path} ({err.strerror or err}); the previous one is intact. "
+            return (f"cannot write the checkpoint {path} ({err.strerror or err}); {kept}. "
                     "Free some space or choose another run folder (hydra.run.dir=...)")
 
         try:
