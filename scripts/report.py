@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from scalelong.errors import ConfigError
 from scalelong.io import atomic_write, write_text
 
 Series = tuple[np.ndarray, np.ndarray]  # (steps int64, values float64), sorted by step
@@ -55,9 +56,9 @@ def find_runs(paths: Iterable[str | Path]) -> list[Path]:
             subs = [d for d in p.iterdir() if (d / "config.yaml").is_file()]
             runs.extend(sorted(subs, key=_job_order))
         else:
-            raise SystemExit(f"error: {p} is neither a run folder nor a folder of runs")
+            raise ConfigError(f"{p} is neither a run folder nor a folder of runs")
     if not runs:
-        raise SystemExit(f"error: no run folders (with config.yaml) in {', '.join(map(str, paths))}")
+        raise ConfigError(f"no run folders (with config.yaml) in {', '.join(map(str, paths))}")
     return runs
 
 
@@ -601,11 +602,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = args.out or (Path(args.paths[0]) / "report" if len(args.paths) == 1 else Path("report"))
     from scalelong.cli import fail
-    from scalelong.errors import ConfigError
 
     try:
         path = write_report(args.paths, out, args.target_fid, args.smooth)
-    except ConfigError as err:  # a full disk or an unwritable --out: one line, finished files intact
+    except ConfigError as err:  # no runs, a full disk or an unwritable --out: one line, finished files intact
         fail(str(err))
     print(f"report: {path}")
     return 0

@@ -158,6 +158,10 @@ def test_read_metrics_joins_versions_and_orders_them_numerically(report, tmp_pat
     assert values.tolist() == [0, 1, 2, 3, 104, 105, 106, 1007, 1008]
 
 
-def test_missing_folder_is_a_one_line_error(report, tmp_path):
-    with pytest.raises(SystemExit, match="no run folders"):
-        report.main([str(tmp_path)])
+def test_missing_folder_is_a_one_line_error(report, tmp_path, capsys):
+    for args, message in (([str(tmp_path)], f"no run folders (with config.yaml) in {tmp_path}"),
+                          ([str(tmp_path / "nowhere")], f"{tmp_path / 'nowhere'} is neither a run folder nor a folder of runs")):
+        with pytest.raises(SystemExit) as info:
+            report.main(args)
+        assert info.value.code == 2  # as every other one-line error
+        assert capsys.readouterr().err == f"error: {message}\n"
