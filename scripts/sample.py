@@ -43,11 +43,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    import numpy as np
     import torch
 
     from scalelong.cli import fail
     from scalelong.errors import ConfigError
-    from scalelong.io import save_image_grid, save_npz
+    from scalelong.io import atomic_write, grid_image
     from scalelong.metrics.conditioning import prepare_sampling
     from scalelong.training.checkpoints import load_module
 
@@ -68,9 +69,16 @@ def main(argv=None) -> int:
         fail(str(err))
     took = time.perf_counter() - start
     out = args.out or args.checkpoint.resolve().parent.parent / "samples" / f"{args.sampler}_{args.steps}steps_{args.num}"
+    png, npz = out.with_suffix(".png"), out.with_suffix(".npz")
     try:  # a full disk or an unwritable folder: one line (OutputError), the previous files intact
-        png = save_image_grid(images[:min(args.num, 400)], out.with_suffix(".png"))
-        npz = save_npz(out.with_suffix(".npz"), samples=images.permute(0, 2, 3, 1).numpy())
+        # The samples are written whole (flushed) before the grid, and the grid replaces its old
+        # version before the samples do: a failed write leaves the previous pair, not a new grid
+        # beside old samples. (Nested, each file's error names that file.)
+        with atomic_write(npz) as npz_file:
+            np.savez(npz_file, samples=images.permute(0, 2, 3, 1).numpy())
+            npz_file.flush()
+            with atomic_write(png) as png_file:
+                grid_image(images[:min(args.num, 400)]).save(png_file, format="PNG")
     except ConfigError as err:
         fail(str(err))
     print(f"{args.num} samples in {took:.1f}s ({args.num / took:.1f} img/s) -> {png}, {npz}")

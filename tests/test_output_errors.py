@@ -349,17 +349,31 @@ def test_sample_script_on_a_full_disk(tmp_path, capsys, full_disk, checkpoint):
     full_disk()
     line = run_script(capsys, "sample", [str(checkpoint), "--num", "2", "--steps", "2", "--device", "cpu",
                                          "--out", str(out / "s")])
-    assert line == f"error: cannot write {out}/s.png {NO_SPACE}; the previous file is intact. {FREE_SPACE}"
+    # The samples are written first: their file is the one named, and the old grid stays.
+    assert line == f"error: cannot write {out}/s.npz {NO_SPACE}; no partial file is left. {FREE_SPACE}"
     assert (out / "s.png").read_bytes() == b"previous grid" and [p.name for p in out.iterdir()] == ["s.png"]
 
 
-def test_sample_script_when_the_second_file_fills_the_disk(tmp_path, capsys, full_disk, checkpoint):
-    full_disk("s.npz")
+@pytest.mark.parametrize("full", ["s.npz", "s.png"])
+def test_sample_script_replaces_the_grid_and_the_samples_together_or_not_at_all(tmp_path, capsys, full_disk,
+                                                                                 checkpoint, full):
+    """Either file filling the disk leaves the previous pair as it was: no new grid beside old samples."""
+    (tmp_path / "s.png").write_bytes(b"previous grid")
+    (tmp_path / "s.npz").write_bytes(b"previous samples")
+    full_disk(full)
     line = run_script(capsys, "sample", [str(checkpoint), "--num", "2", "--steps", "2", "--device", "cpu",
                                          "--out", str(tmp_path / "s")])
-    assert line == f"error: cannot write {tmp_path}/s.npz {NO_SPACE}; no partial file is left. {FREE_SPACE}"
-    assert Image.open(tmp_path / "s.png").size[0] > 0  # the grid, whole
-    assert not (tmp_path / "s.npz").exists() and temporaries(tmp_path) == []
+    assert line == f"error: cannot write {tmp_path}/{full} {NO_SPACE}; the previous file is intact. {FREE_SPACE}"
+    assert (tmp_path / "s.png").read_bytes() == b"previous grid"
+    assert (tmp_path / "s.npz").read_bytes() == b"previous samples"
+    assert temporaries(tmp_path) == []
+
+
+def test_sample_script_writes_the_grid_and_the_samples(tmp_path, capsys, checkpoint):
+    assert load_script("sample").main([str(checkpoint), "--num", "2", "--steps", "2", "--device", "cpu",
+                                       "--out", str(tmp_path / "s")]) == 0
+    assert Image.open(tmp_path / "s.png").size[0] > 0
+    assert np.load(tmp_path / "s.npz")["samples"].shape[0] == 2
 
 
 def write_run(folder: Path) -> Path:

@@ -188,10 +188,15 @@ def image_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2) 
     return grid
 
 
+def grid_image(images: torch.Tensor, nrow: int | None = None) -> Image.Image:
+    """uint8 (N, C, H, W) images as one PIL image (a grid)."""
+    grid = image_grid(images, nrow)
+    return Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
+
+
 def save_image_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | None = None) -> Path:
     """Save uint8 (N, C, H, W) images as a PNG grid, atomically."""
-    grid = image_grid(images, nrow)
-    img = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
+    img = grid_image(images, nrow)
     with atomic_write(path) as f:
         img.save(f, format="PNG")
     return Path(path)
