@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test quickstart bench clean
+.PHONY: install test quickstart bench bench-gpu clean
 
 install: $(STAMP)
 
@@ -25,3 +25,9 @@ quickstart: install
 # Side-by-side speed figures (CPU-sized; see scripts/benchmark.py --help for GPU settings).
 bench: install
 	$(PY) scripts/benchmark.py
+
+# The same on one CUDA GPU at the paper's batch in bf16, with model.compile=true against eager,
+# then the gates' cost interleaved (docs/benchmarks.md says how to read both).
+bench-gpu: install
+	$(PY) scripts/benchmark.py --device cuda --precision bf16 --batch 128 --steps 20 --warmup 5
+	$(PY) scripts/benchmark_gate.py --device cuda --precision bf16 --batch 128 --rounds 30

@@ -8,14 +8,17 @@ Measures, for each backbone preset and strategy, the training step (forward, los
 AdamW, EMA) in images per second and its peak memory; the ratios `learnable` / `none` and
 `learnable_nonshared` / `none`; our Lightning training step against a plain PyTorch loop doing
 the same work; our U-ViT against a straightforward reference U-ViT written below for this
-comparison; sampling (network evaluations per second, DPM-Solver 50-step images per second);
-and the data loader's batches per second against the training step's. Prints a table and
-writes JSON (default outputs/benchmarks/<time>.json).
+comparison; ``model.compile=true`` against eager (step time, compile time, largest output
+difference; by default on CUDA only, elsewhere ask with ``--only ...,compile``); sampling
+(network evaluations per second, DPM-Solver 50-step images per second); and the data loader's
+batches per second against the training step's. On CUDA the UNet runs channels_last, as
+training does. Prints a table and writes JSON (default outputs/benchmarks/<time>.json).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import platform
@@ -74,8 +77,11 @@ class PlainStep:
     """One training step in plain PyTorch: the same work as ``DiffusionModule.training_step``
     plus optimizer and EMA (no Lightning)."""
 
-    def __init__(self, net: nn.Module, shape, batch: int, device, precision: str):
+    def __init__(self, net: nn.Module, shape, batch: int, device, precision: str, channels_last: bool = False):
         self.net, self.device, self.precision = net.to(device).train(), device, precision
+        self.channels_last = channels_last  # as model.channels_last in training: NHWC weights and inputs
+        if channels_last:
+            net.to(memory_format=torch.channels_last)
         self.sde = get_sde("linear")
         self.opt = torch.optim.AdamW(net.parameters(), lr=2e-4, betas=(0.99, 0.999), weight_decay=0.03,
                                      fused=device.type == "cuda" or None)
@@ -88,6 +94,8 @@ class PlainStep:
         t = self.sde.sample_t(b, 1e-5, device=self.device)
         noise = torch.randn_like(self.x0)
         x_t = self.sde.marginal(self.x0, t, noise)
+        if self.channels_last:
+            x_t = x_t.contiguous(memory_format=torch.channels_last)
         with autocast(self.device, self.precision):
             pred = self.net(x_t, t * 999)
         loss = F.mse_loss(pred.float(), noise)
@@ -170,6 +178,11 @@ class ReferenceUViT(nn.Module):
 
 # --- the measurements --------------------------------------------------------------------------
 
+def channels_last_for(backbone: str, device: torch.device) -> bool:
+    """What training does by default (conf/model/*.yaml: channels_last, applied on CUDA only)."""
+    return backbone == "unet" and device.type == "cuda"
+
+
 def bench_training(args, device) -> list[dict]:
     rows = []
     for spec in args.models.split(","):
@@ -180,7 +193,8 @@ def bench_training(args, device) -> list[dict]:
             torch.manual_seed(0)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            step = PlainStep(build(backbone, preset, strategy, shape), shape, args.batch, device, args.precision)
+            step = PlainStep(build(backbone, preset, strategy, shape), shape, args.batch, device, args.precision,
+                             channels_last_for(backbone, device))
             sec = timed(step, args.steps, args.warmup, device)
             row = {"what": "train_step", "backbone": backbone, "preset": preset, "strategy": strategy,
                    "batch": args.batch, "ms_per_step": 1000 * sec, "images_per_s": args.batch / sec,
@@ -224,7 +238,8 @@ def bench_lightning(args, device) -> list[dict]:
     shape = default_shape(backbone, preset)
     config = {
         "seed": 0, "dataset": {"name": "bench", "image_size": shape[1], "channels": shape[0], "random_flip": True},
-        "model": {"backbone": backbone, "preset": preset}, "scaling": {"name": "none"},
+        "model": {"backbone": backbone, "preset": preset, "channels_last": channels_last_for(backbone, device)},
+        "scaling": {"name": "none"},
         "diffusion": {"schedule": "linear"}, "ema": {"decay": 0.9999},
         "optim": {"lr": 2e-4, "betas": [0.99, 0.999], "weight_decay": 0.03, "warmup_steps": 0},
     }
@@ -257,12 +272,57 @@ def bench_lightning(args, device) -> list[dict]:
     lightning = statistics.median(timer.times[args.warmup:])
 
     torch.manual_seed(0)
-    plain = timed(PlainStep(build(backbone, preset, "none", shape), shape, args.batch, device, args.precision),
+    plain = timed(PlainStep(build(backbone, preset, "none", shape), shape, args.batch, device, args.precision,
+                            channels_last_for(backbone, device)),
                   args.steps, args.warmup, device)
     row = {"what": "lightning_vs_plain", "backbone": backbone, "preset": preset, "batch": args.batch,
            "lightning_ms": 1000 * lightning, "plain_ms": 1000 * plain, "ratio_lightning_to_plain": lightning / plain}
     print(_fmt(row), flush=True)
     return [row]
+
+
+def bench_compile(args, device) -> list[dict]:
+    """model.compile=true against eager for each model (strategy learnable): the training step,
+    the time the first compiled step took over a normal one, and the largest output difference."""
+    rows = []
+    for spec in args.models.split(","):
+        backbone, preset = spec.split(":")
+        shape = default_shape(backbone, preset)
+        torch.manual_seed(0)
+        eager = build(backbone, preset, "learnable", shape)
+        with torch.no_grad():  # zero-initialised layers would make both outputs exactly 0
+            for p in eager.parameters():
+                if not p.any():
+                    p.normal_(0, 0.02)
+        compiled = copy.deepcopy(eager)
+        compiled.compile()  # in place, as DiffusionModule does for model.compile=true
+        layout = channels_last_for(backbone, device)
+        steps = {name: PlainStep(net, shape, args.batch, device, args.precision, layout)
+                 for name, net in (("eager", eager), ("compiled", compiled))}
+        g = torch.Generator().manual_seed(1)
+        x, t = torch.randn(2, *shape, generator=g).to(device), torch.tensor([10.0, 500.0], device=device)
+        with torch.no_grad(), autocast(device, args.precision):  # before any step moves the weights
+            outs = [net.eval()(x, t).float() for net in (eager, compiled)]
+        diff, scale = (outs[0] - outs[1]).abs().max().item(), outs[0].abs().max().item()
+        sec = {}
+        for name, step in steps.items():
+            step.net.train()
+            _sync(device)
+            t0 = time.perf_counter()
+            step()  # the compiled one compiles its training graph here
+            _sync(device)
+            first = time.perf_counter() - t0
+            sec[name] = timed(step, args.steps, max(args.warmup - 1, 0), device)
+            if name == "compiled":
+                compile_s = first - sec[name]
+        row = {"what": "compile", "backbone": backbone, "preset": preset, "strategy": "learnable",
+               "batch": args.batch, "eager_ms": 1000 * sec["eager"], "compiled_ms": 1000 * sec["compiled"],
+               "ratio_compiled_to_eager": sec["compiled"] / sec["eager"], "compile_s": compile_s,
+               "max_abs_output_diff": diff, "max_abs_output": scale}
+        print(_fmt(row), flush=True)
+        rows.append(row)
+        del steps, eager, compiled
+    return rows
 
 
 def bench_sampling(args, device) -> list[dict]:
@@ -325,7 +385,9 @@ def main(argv=None) -> int:
     p.add_argument("--sample-batch", type=int, default=16)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--only", default="train,reference,lightning,sampling,data")
+    p.add_argument("--only", default=None,
+                   help="comma-separated parts: train,reference,lightning,sampling,data,compile "
+                        "(default: all; compile only on CUDA, where it pays for its minutes of compiling)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -336,7 +398,8 @@ def main(argv=None) -> int:
                else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
     print(f"# {machine}, torch {torch.__version__}, precision {args.precision}, batch {args.batch}", flush=True)
 
-    only = set(args.only.split(","))
+    only = set((args.only or "train,reference,lightning,sampling,data"
+                + (",compile" if device.type == "cuda" else "")).split(","))
     rows: list[dict] = []
     train_rows = bench_training(args, device) if "train" in only else []
     rows += train_rows
@@ -344,6 +407,8 @@ def main(argv=None) -> int:
         rows += bench_reference_uvit(args, device)
     if "lightning" in only:
         rows += bench_lightning(args, device)
+    if "compile" in only:
+        rows += bench_compile(args, device)
     if "sampling" in only:
         rows += bench_sampling(args, device)
     if "data" in only:

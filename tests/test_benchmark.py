@@ -1,0 +1,99 @@
+"""scripts/benchmark.py and scripts/benchmark_gate.py on tiny models: every part runs and reports
+figures that make sense (the speeds themselves are for docs/benchmarks.md, not for tests)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(name: str):
+    sys.path.insert(0, str(ROOT / "scripts"))  # benchmark_gate imports benchmark
+    try:
+        spec = importlib.util.spec_from_file_location(f"scalelong_script_{name}", ROOT / "scripts" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+
+
+@pytest.fixture
+def quick_compile(monkeypatch):
+    """model.compile through TorchDynamo and AOTAutograd without Inductor's minutes of C++ on
+    this CPU: the benchmark's plumbing is under test here, not Inductor."""
+    real = nn.Module.compile
+    monkeypatch.setattr(nn.Module, "compile", lambda self, **kw: real(self, backend="aot_eager", **kw))
+
+
+def test_every_part_of_the_benchmark_on_tiny_models(tmp_path, quick_compile, capsys):
+    out = tmp_path / "bench.json"
+    code = load_script("benchmark").main([
+        "--models", "uvit:uvit_tiny,unet:tiny", "--strategies", "none,learnable", "--batch", "2",
+        "--steps", "1", "--warmup", "1", "--lightning-model", "uvit:uvit_tiny", "--reference-preset", "uvit_tiny",
+        "--sample-batch", "2", "--only", "train,reference,lightning,compile,sampling,data", "--out", str(out)])
+    assert code == 0
+    result = json.loads(out.read_text())
+    rows = {}
+    for row in result["rows"]:
+        rows.setdefault(row["what"], []).append(row)
+
+    train = rows["train_step"]
+    assert [(r["backbone"], r["strategy"]) for r in train] == [
+        ("uvit", "none"), ("uvit", "learnable"), ("unet", "none"), ("unet", "learnable")]
+    for r in train:
+        assert r["images_per_s"] == pytest.approx(2 / (r["ms_per_step"] / 1000))
+        assert r["ratio_to_none"] > 0 and (r["strategy"] != "none" or r["ratio_to_none"] == 1)
+        assert r["peak_memory_mb"] is None  # CPU: no per-allocation peak
+    (ref,) = rows["uvit_vs_reference"]
+    assert ref["ratio_ours_to_reference"] == pytest.approx(ref["ours_ms"] / ref["reference_ms"])
+    (light,) = rows["lightning_vs_plain"]
+    assert light["ratio_lightning_to_plain"] == pytest.approx(light["lightning_ms"] / light["plain_ms"])
+    compiled = rows["compile"]
+    assert [r["backbone"] for r in compiled] == ["uvit", "unet"]
+    for r in compiled:  # outputs that are not all zero (zero-initialised heads), matching eager
+        assert r["max_abs_output"] > 0.01 and r["max_abs_output_diff"] <= 1e-5 * r["max_abs_output"]
+        assert r["ratio_compiled_to_eager"] > 0 and math.isfinite(r["compile_s"])
+    (samp,) = rows["sampling"]
+    assert samp["network_evals_per_s"] > samp["dpm_solver_50_images_per_s"] > 0
+    (data,) = rows["data_loader"]
+    fastest = min(r["ms_per_step"] for r in train)
+    assert data["fastest_train_steps_per_s"] == pytest.approx(1000 / fastest)
+    assert data["loader_headroom"] == pytest.approx(data["batches_per_s"] / data["fastest_train_steps_per_s"])
+
+    table = out.with_suffix(".md").read_text()
+    assert table.count("| train_step |") == 4 and "| compile |" in table
+    assert f"wrote {out}" in capsys.readouterr().out
+
+
+def test_gate_ratios_are_taken_per_round():
+    gate = load_script("benchmark_gate")
+    times = {"none": [1.0, 2.0, 1.0], "learnable": [1.1, 2.0, 1.3]}
+    summary = gate.ratio_summary(times)
+    assert summary["none"]["ratio_median_of_rounds"] == 1
+    assert summary["learnable"]["ratio_median_of_rounds"] == pytest.approx(1.1)  # median of 1.1, 1.0, 1.3
+    assert summary["learnable"]["ratio_of_medians"] == pytest.approx(1.3 / 1.0)
+    assert summary["learnable"]["ms_median"] == pytest.approx(1300)
+
+
+def test_gate_benchmark_interleaves_strategies_in_rotating_order(capsys):
+    gate = load_script("benchmark_gate")
+    calls = []
+    steps = {name: (lambda n=name: calls.append(n)) for name in ("none", "learnable", "learnable_nonshared")}
+    times = gate.interleaved(steps, rounds=3, warmup=0, device=torch.device("cpu"))
+    assert calls == ["none", "learnable", "learnable_nonshared",
+                     "learnable", "learnable_nonshared", "none",
+                     "learnable_nonshared", "none", "learnable"]
+    assert all(len(t) == 3 for t in times.values())
+    assert gate.main(["--models", "unet:tiny", "--rounds", "2", "--warmup", "0", "--batch", "2"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("unet:tiny")]
+    assert [line.split()[1] for line in lines] == ["none", "learnable", "learnable_nonshared"]
