@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -25,6 +27,21 @@ def compose(overrides: list[str], run_dir: Path | str | None = None) -> dict:
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = hydra_compose(config_name="train", overrides=[*overrides, f"run_dir={run_dir or '.'}"])
     return OmegaConf.to_container(cfg, resolve=True)
+
+
+def load_script(name: str):
+    """``scripts/<name>.py`` as a module. It is registered in ``sys.modules`` (report.py's
+    dataclasses look their module up there), and ``scripts/`` is importable while it loads
+    (benchmark_gate.py imports benchmark.py)."""
+    spec = importlib.util.spec_from_file_location(f"scalelong_script_{name}", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    return module
 
 
 @pytest.fixture

@@ -3,28 +3,13 @@ figures that make sense (the speeds themselves are for docs/benchmarks.md, not f
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_script
 from torch import nn
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_script(name: str):
-    sys.path.insert(0, str(ROOT / "scripts"))  # benchmark_gate imports benchmark
-    try:
-        spec = importlib.util.spec_from_file_location(f"scalelong_script_{name}", ROOT / "scripts" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(ROOT / "scripts"))
 
 
 @pytest.fixture

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import load_script
 from PIL import Image
 
 from scalelong.data import build_dataset
 from scalelong.data import celeba
 from scalelong.errors import DataError
 
-ROOT = Path(__file__).resolve().parents[1]
 QUADRANTS = [(255, 40, 40), (40, 255, 40), (40, 40, 255), (250, 250, 250)]  # TL, TR, BL, BR of the crop
 PARTITION = [("000001.jpg", 0), ("000002.jpg", 0), ("000003.jpg", 1), ("000004.jpg", 0), ("000005.jpg", 2),
              ("000006.jpg", 0)]
@@ -131,13 +130,6 @@ def test_damaged_partition_file_is_named(tmp_path):
     (tmp_path / "celeba" / "list_eval_partition.txt").write_text("000001.jpg 0\n000002.jpg x\n")
     with pytest.raises(DataError, match="list_eval_partition.txt line 2"):
         celeba.prepare_celeba64(tmp_path, workers=0, progress=False)
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_script_prepares_and_reports_errors_in_one_line(tmp_path, capsys):

@@ -10,7 +10,6 @@ would on a real full disk.
 from __future__ import annotations
 
 import errno
-import importlib.util
 import json
 import os
 import shutil
@@ -25,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import ROOT, compose
+from conftest import ROOT, compose, load_script
 from PIL import Image
 
 from scalelong.errors import DataError, OutputError
@@ -72,14 +71,6 @@ def error_line(capsys) -> str:
     assert "Traceback" not in err, err
     assert [line for line in lines if line.startswith("error:")] == lines[-1:], err
     return lines[-1]
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"scalelong_script_{name}", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # report.py's dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 def run_script(capsys, name: str, argv: list[str]) -> str:
