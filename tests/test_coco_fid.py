@@ -185,7 +185,7 @@ def test_in_training_fid_of_the_text_to_image_model(coco_run, tmp_path):
     cfg["callbacks"]["fid"].update(every_n_steps=2, num_samples=3, steps=2, ref=str(tmp_path / "ref.npz"),
                                    chunk_size=2, kid_max=3, verbose=False,
                                    feature_extractor={"_target_": "fid_helpers.LinearFeatures"})
-    assert cfg["callbacks"]["fid"]["guidance_scale"] == 1.0 and cfg["callbacks"]["fid"]["sampler"] == "dpm_solver"
+    assert cfg["callbacks"]["fid"]["guidance_scale"] == 1.0 and cfg["callbacks"]["fid"]["sampler"] == "dpm_solver_pp_fast"
     train(cfg)
     history = json.loads((tmp_path / "run" / "fid_history.json").read_text())
     assert [e["step"] for e in history] == [2] and history[0]["num"] == 3 and history[0]["guidance_scale"] == 1.0

@@ -267,6 +267,27 @@ def test_reference_round_trip_records_hashes(tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temporaries
 
 
+def test_kid_rows_of_a_class_sorted_source_are_a_seeded_random_subset():
+    """ImageNet read from a folder is sorted by class: the KID rows must not be its first images.
+
+    20 classes of 30 images each, every class a constant grey level; 60 KID rows kept."""
+    classes = torch.arange(20).repeat_interleave(30)
+    images = (classes * 12).to(torch.uint8)[:, None, None, None].expand(-1, 1, 8, 8).contiguous()
+    ext = LinearFeatures()
+    feats_of_class = ext(torch.stack([torch.from_numpy(ext.resize(np.full((8, 8, 3), int(c) * 12, np.uint8)))
+                                      for c in range(20)]).permute(0, 3, 1, 2).float())
+    ref = compute_reference(images, ext, batch_size=7, kid_max=60, kid_seed=3)
+    kept = torch.from_numpy(ref.kid_feats)
+    kept_classes = torch.cdist(kept, feats_of_class).argmin(1)
+    assert len(kept) == 60 and len(set(kept_classes.tolist())) >= 15  # the first 60 would be 2 classes
+    assert ref.meta["kid_seed"] == 3
+    again = compute_reference(images, ext, batch_size=5, kid_max=60, kid_seed=3)  # the seed fixes the rows
+    np.testing.assert_array_equal(again.kid_feats, ref.kid_feats)
+    other = compute_reference(images, ext, batch_size=7, kid_max=60, kid_seed=4)
+    assert not np.array_equal(other.kid_feats, ref.kid_feats)
+    np.testing.assert_allclose(other.mu, ref.mu, rtol=1e-10)  # mean and covariance use every image
+
+
 def test_reference_mismatches_are_errors(tmp_path):
     ref = ReferenceStats(np.zeros(8), np.eye(8), 10, meta={"mode": "clean", "weights_sha1": "aaa"}, path=tmp_path)
     with pytest.raises(ConfigError, match="mode 'clean'"):

@@ -57,6 +57,38 @@ def test_warmup_schedule_values():
     assert warmup_constant(0, 0) == 1.0
 
 
+def test_the_trainer_updates_the_ema_once_per_step_and_warms_the_lr_up(tmp_path, monkeypatch):
+    """Through the real trainer: the learning rate of optimizer step k is lr * min(k / w, 1), and
+    after step k the EMA is decay * EMA + (1 - decay) * weights, once per step."""
+    seen = {"lr": [], "weights": [], "ema": []}
+
+    class Recording(DiffusionModule):
+        def on_fit_start(self):
+            super().on_fit_start()
+            seen["ema0"] = [p.detach().clone() for p in self.ema.module.parameters()]
+
+        def on_before_optimizer_step(self, optimizer):
+            super().on_before_optimizer_step(optimizer)
+            seen["lr"].append(optimizer.param_groups[0]["lr"])
+
+        def optimizer_step(self, *args, **kwargs):
+            super().optimizer_step(*args, **kwargs)
+            seen["weights"].append([p.detach().clone() for p in self.net.parameters()])
+            seen["ema"].append([p.detach().clone() for p in self.ema.module.parameters()])
+
+    monkeypatch.setattr("scalelong.run.DiffusionModule", Recording)
+    cfg = smoke(tmp_path, "train.max_steps=6", "optim.warmup_steps=3", "ema.decay=0.5", "optim.lr=1e-3")
+    train(cfg)
+    assert seen["lr"] == pytest.approx([0.0, 1e-3 / 3, 2e-3 / 3, 1e-3, 1e-3, 1e-3])
+    ema = seen["ema0"]
+    for weights, logged in zip(seen["weights"], seen["ema"]):
+        ema = [0.5 * e + 0.5 * w for e, w in zip(ema, weights)]
+        for expected, actual in zip(ema, logged):
+            torch.testing.assert_close(actual, expected)
+    assert len(seen["ema"]) == 6
+    assert not torch.equal(seen["weights"][-1][0], seen["weights"][1][0])  # the weights did move
+
+
 def test_ema_arithmetic():
     net = torch.nn.Linear(3, 2)
     ema = EMA(net, decay=0.9)

@@ -83,13 +83,22 @@ def build_extra_callbacks(spec: Mapping[str, Any] | None) -> list[pl.Callback]:
 
 def build_trainer(config: Mapping[str, Any], run_dir: Path, callbacks: list) -> pl.Trainer:
     t = dict(config["trainer"])
+    precision = str(t.get("precision", "32-true"))
+    plugins: list = [AtomicCheckpointIO()]
+    if precision in ("16-mixed", "16") and t.get("accelerator") == "cpu":
+        # Lightning would quietly switch fp16 AMP on the CPU to bf16; torch runs it, so the
+        # paper's precision (and its loss scaler) can be tried and tested on the CPU as asked.
+        from pytorch_lightning.plugins.precision import MixedPrecision
+
+        plugins.append(MixedPrecision("16-mixed", "cpu"))
+        precision = None
     return pl.Trainer(
         accelerator=t.get("accelerator", "auto"), devices=t.get("devices", 1), num_nodes=t.get("num_nodes", 1),
-        strategy=t.get("strategy", "auto"), precision=t.get("precision", "32-true"),
+        strategy=t.get("strategy", "auto"), precision=precision,
         max_steps=int(config["train"]["max_steps"]), max_epochs=-1,
         log_every_n_steps=int(t.get("log_every_n_steps", 50)),
         logger=build_loggers(config, run_dir) or False,
-        callbacks=callbacks, plugins=[AtomicCheckpointIO()],
+        callbacks=callbacks, plugins=plugins,
         default_root_dir=str(run_dir),
         enable_checkpointing=False,  # PeriodicCheckpoint does it
         enable_progress_bar=False,  # ProgressPrinter does it

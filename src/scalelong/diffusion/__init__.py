@@ -1,6 +1,6 @@
 """Diffusion core: VP-SDE schedules, the epsilon-prediction loss, classifier-free guidance and samplers.
 
-    sde = get_sde("linear")                                   # or "cosine"
+    sde = get_sde("linear")                          # or "cosine", "sd_discrete"
     loss = noise_prediction_loss(net, x0, sde, {"y": labels})
     eps_fn = NoisePredictor(net, {"y": y}, {"y": null_y}, guidance_scale=w)
     images = sample(eps_fn, sde, (B, C, H, W), sampler="dpm_solver", steps=50)
@@ -11,6 +11,7 @@ from .samplers import (
     dpm_solver,
     dpm_solver_fast_orders,
     dpm_solver_pp,
+    dpm_solver_pp_fast,
     euler_maruyama,
     euler_ode,
     logsnr_time_grid,
@@ -22,6 +23,7 @@ from .sde import (
     TIME_INPUT_SCALE,
     TRAIN_T_EPS,
     CosineVPSDE,
+    DiscreteVPSchedule,
     EpsFn,
     LinearVPSDE,
     NoisePredictor,
@@ -37,6 +39,7 @@ __all__ = [
     "TIME_INPUT_SCALE",
     "TRAIN_T_EPS",
     "CosineVPSDE",
+    "DiscreteVPSchedule",
     "EpsFn",
     "LinearVPSDE",
     "NoisePredictor",
@@ -44,6 +47,7 @@ __all__ = [
     "dpm_solver",
     "dpm_solver_fast_orders",
     "dpm_solver_pp",
+    "dpm_solver_pp_fast",
     "euler_maruyama",
     "euler_ode",
     "get_sde",

@@ -23,6 +23,14 @@ Registered samplers and their time grids (``T = sde.T``: 1 for the linear schedu
 * ``dpm_solver_pp``: multistep second-order DPM-Solver++(2M) (Lu et al. 2022b, Alg. 2), data
   prediction built from the eps model, ``steps`` intervals uniform in lambda, first step first
   order; better behaved than DPM-Solver under strong classifier-free guidance. Same t_end rule.
+* ``dpm_solver_pp_fast``: U-ViT's text-to-image sampler (MS-COCO): singlestep DPM-Solver++ in
+  data-prediction mode with DPM-Solver-fast's orders (3, ..., 3 and a 2 and/or 1 at the end) on
+  ``steps + 1`` times uniform in t; a step of order k spans k grid intervals and takes its
+  intermediate times from the grid. t_end defaults to the schedule's ``t_min`` when it has one
+  (1/N for a discrete schedule, as U-ViT), else the DPM-Solver rule.
+
+A schedule defined on [t_min, T] (a discrete one) keeps every sampler inside that range: the
+Euler samplers' final noiseless step goes to t_min instead of 0.
 """
 
 from __future__ import annotations
@@ -44,6 +52,7 @@ __all__ = [
     "euler_ode",
     "dpm_solver",
     "dpm_solver_pp",
+    "dpm_solver_pp_fast",
     "dpm_solver_fast_orders",
     "logsnr_time_grid",
     "EULER_T_END",
@@ -148,8 +157,9 @@ def _eval(eps_fn: EpsFn, x: Tensor, t: float) -> Tensor:
 def _check(sde: VPSchedule, steps: int, t_end: float) -> None:
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    if not 0.0 < t_end < sde.T:
-        raise ValueError(f"t_end must lie in (0, T={sde.T}), got {t_end}")
+    t_min = getattr(sde, "t_min", 0.0)
+    if not (0.0 < t_end < sde.T and t_end >= t_min):
+        raise ValueError(f"t_end must lie in [{t_min:g}, T={sde.T}) and above 0, got {t_end}")
 
 
 def _dpm_default_t_end(steps: int) -> float:
@@ -158,9 +168,10 @@ def _dpm_default_t_end(steps: int) -> float:
 
 
 def euler_time_grid(sde: VPSchedule, steps: int, t_end: float = EULER_T_END) -> list[float]:
-    """The official U-ViT Euler grid: ``steps`` points uniform from T down to t_end, then 0 (steps + 1 values)."""
+    """The official U-ViT Euler grid: ``steps`` points uniform from T down to t_end, then the
+    schedule's t_min (0 for continuous schedules): steps + 1 values."""
     grid = torch.linspace(sde.T, t_end, steps, dtype=torch.float64).tolist()
-    return grid + [0.0]
+    return grid + [float(getattr(sde, "t_min", 0.0))]
 
 
 def logsnr_time_grid(sde: VPSchedule, intervals: int, t_start: float, t_end: float) -> list[float]:
@@ -212,7 +223,7 @@ def _euler(
         # probability-flow ODE halves the score term and drops the noise.
         score_weight = beta / sigma if stochastic else 0.5 * beta / sigma
         x = x + (0.5 * beta * dt) * x - (score_weight * dt) * eps
-        if stochastic and s > 0.0:  # the last step (to t = 0) returns the mean, as U-ViT does
+        if stochastic and i < steps - 1:  # the last step (to t_min) returns the mean, as U-ViT does
             noise = torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=generator)
             x = x + math.sqrt(beta * dt) * noise
     return x
@@ -390,6 +401,82 @@ def dpm_solver_pp(
     return x
 
 
+def _dpm_solver_pp_step(eps_fn: EpsFn, coefs: _Coefs, x: Tensor, s: float, t: float, order: int,
+                       r1: float | None, r2: float | None) -> Tensor:
+    """One singlestep DPM-Solver++ update (data prediction) from s to t < s, order 1, 2 or 3.
+
+    With D(x, u) = (x - sigma_u eps(x, u)) / alpha_u, h = lambda_t - lambda_s, D_s = D(x, s):
+      order 1: x_t = (sig_t / sig_s) x - a_t expm1(-h) D_s
+      order 2: u1 = (sig_s1 / sig_s) x - a_s1 expm1(-r1 h) D_s at lambda_s + r1 h, then
+               x_t = order 1 - (1 / (2 r1)) a_t expm1(-h) (D(u1, s1) - D_s)
+      order 3: u1 as above, u2 = (sig_s2 / sig_s) x - a_s2 expm1(-r2 h) D_s
+               + (r2 / r1) a_s2 (expm1(-r2 h) / (r2 h) + 1) (D(u1, s1) - D_s), then
+               x_t = order 1 + (1 / r2) a_t (expm1(-h) / h + 1) (D(u2, s2) - D_s)
+    """
+    lam_s, lam_t = coefs.lam(s), coefs.lam(t)
+    h = lam_t - lam_s
+    sigma_s, sigma_t, alpha_t = coefs.sigma(s), coefs.sigma(t), coefs.alpha(t)
+
+    def data(u: Tensor, time: float) -> Tensor:
+        return (u - coefs.sigma(time) * _eval(eps_fn, u, time)) / coefs.alpha(time)
+
+    d_s = data(x, s)
+    x_t = (sigma_t / sigma_s) * x - (alpha_t * math.expm1(-h)) * d_s
+    if order == 1:
+        return x_t
+    s1 = coefs.t_of_lam(lam_s + r1 * h)
+    u1 = (coefs.sigma(s1) / sigma_s) * x - (coefs.alpha(s1) * math.expm1(-r1 * h)) * d_s
+    d_1 = data(u1, s1) - d_s
+    if order == 2:
+        return x_t - (0.5 / r1 * alpha_t * math.expm1(-h)) * d_1
+    if order == 3:
+        s2 = coefs.t_of_lam(lam_s + r2 * h)
+        alpha_s2 = coefs.alpha(s2)
+        u2 = ((coefs.sigma(s2) / sigma_s) * x - (alpha_s2 * math.expm1(-r2 * h)) * d_s
+              + (r2 / r1 * alpha_s2 * (math.expm1(-r2 * h) / (r2 * h) + 1.0)) * d_1)
+        d_2 = data(u2, s2) - d_s
+        return x_t + (alpha_t / r2 * (math.expm1(-h) / h + 1.0)) * d_2
+    raise ValueError(f"DPM-Solver++ order must be 1, 2 or 3, got {order}")
+
+
+@register_sampler("dpm_solver_pp_fast")
+@torch.no_grad()
+def dpm_solver_pp_fast(
+    eps_fn: EpsFn,
+    sde: VPSchedule,
+    x_T: Tensor,
+    steps: int = 50,
+    *,
+    t_end: float | None = None,
+    generator: torch.Generator | None = None,
+    progress: Progress = False,
+) -> Tensor:
+    """U-ViT's text-to-image sampler: singlestep DPM-Solver++ (data prediction) with the orders of
+    ``dpm_solver_fast_orders(steps)`` on ``steps + 1`` times uniform in t from T to t_end.
+
+    The step of order k goes from grid time i to grid time i + k; its intermediate times are the
+    grid times in between (r1, r2 are their fractions of the step in lambda). ``steps`` NFE.
+    t_end defaults to ``sde.t_min`` when positive (1/N: U-ViT's end time on the discrete
+    schedule), else to the DPM-Solver rule (1e-4 above 15 steps, 1e-3 below). Returns x at t_end.
+    """
+    t_min = float(getattr(sde, "t_min", 0.0))
+    t_end = (t_min if t_min > 0 else _dpm_default_t_end(steps)) if t_end is None else t_end
+    _check(sde, steps, t_end)
+    coefs = _Coefs(sde)
+    orders = dpm_solver_fast_orders(steps)
+    grid = torch.linspace(sde.T, t_end, steps + 1, dtype=torch.float64).tolist()
+    lams = [coefs.lam(t) for t in grid]
+    x, i = x_T, 0
+    for k in _Steps(len(orders), progress, "dpm_solver_pp_fast"):
+        order = orders[k]
+        h = lams[i + order] - lams[i]
+        r1 = (lams[i + 1] - lams[i]) / h if order >= 2 else None
+        r2 = (lams[i + 2] - lams[i]) / h if order >= 3 else None
+        x = _dpm_solver_pp_step(eps_fn, coefs, x, grid[i], grid[i + order], order, r1, r2)
+        i += order
+    return x
+
+
 # --- entry point --------------------------------------------------------------------------------
 
 
@@ -412,7 +499,8 @@ def sample(
         eps_fn: ``eps_fn(x (B, ...), t (B,)) -> eps``, e.g. a ``NoisePredictor``.
         sde: the noise schedule the model was trained with.
         shape_or_x_T: a shape (B, ...) to draw x_T with ``generator``, or x_T itself.
-        sampler: a name in ``SAMPLERS`` ("euler_maruyama", "euler_ode", "dpm_solver", "dpm_solver_pp").
+        sampler: a name in ``SAMPLERS`` ("euler_maruyama", "euler_ode", "dpm_solver", "dpm_solver_pp",
+            "dpm_solver_pp_fast").
         steps: number of network evaluations.
         generator: used for x_T (when a shape is given) and for the sampler's noise.
         device, dtype: where and how to draw x_T (device defaults to the generator's device).

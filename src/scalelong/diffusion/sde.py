@@ -2,8 +2,9 @@
 
 Conventions (the official U-ViT ones):
 
-* time ``t`` is continuous in ``[0, T]`` with ``T = sde.T`` (1 for the linear schedule, a little
-  below 1 for the cosine one); the network sees ``t * 999`` as its ``timesteps`` argument;
+* time ``t`` is continuous in ``[t_min, T]`` with ``T = sde.T`` (1 for the linear schedule, a little
+  below 1 for the cosine one; ``t_min`` is 0 except for a discrete schedule); the network sees
+  ``t * sde.time_input_scale`` as its ``timesteps`` argument (999, or N for a discrete schedule);
 * the forward marginal is ``x_t = alpha_t * x_0 + sigma_t * eps`` with ``alpha_t**2 + sigma_t**2 = 1``;
 * the network predicts ``eps`` (noise prediction);
 * ``lambda_t = log(alpha_t / sigma_t)`` is the half log-SNR that DPM-Solver steps in.
@@ -25,6 +26,7 @@ __all__ = [
     "VPSchedule",
     "LinearVPSDE",
     "CosineVPSDE",
+    "DiscreteVPSchedule",
     "SDES",
     "get_sde",
     "register_sde",
@@ -67,6 +69,8 @@ class VPSchedule:
 
     name: str = "vp"
     T: float = 1.0  # the largest time the schedule is defined on; sampling starts here
+    t_min: float = 0.0  # the smallest time it is defined on; samplers end at or above it
+    time_input_scale: float = TIME_INPUT_SCALE  # the network sees t * time_input_scale
 
     # --- defined by each schedule ---------------------------------------------------------
     def log_mean_coef(self, t: Tensor | float) -> Tensor:
@@ -217,8 +221,66 @@ class CosineVPSDE(VPSchedule):
         return f"CosineVPSDE(s={self.s}, t_max={self.t_max})"
 
 
+@register_sde("sd_discrete")
+class DiscreteVPSchedule(VPSchedule):
+    """Stable Diffusion's discrete schedule, as U-ViT's text-to-image code uses it (MS-COCO).
+
+    betas = linspace(sqrt(beta_start), sqrt(beta_end), N)^2; step n (1..N) has
+    alpha_bar_n = prod_{i <= n} (1 - beta_i). In continuous time t = n / N, log alpha_t is
+    linear between those knots (and extended linearly past them), which is how DPM-Solver
+    treats a discrete model. Training draws an integer n uniform in 1..N, and the network sees
+    t * N = n, as in U-ViT's ``train_t2i_discrete.py``; sampling runs on [1/N, 1].
+    """
+
+    def __init__(self, beta_start: float = 0.00085, beta_end: float = 0.012, num_steps: int = 1000):
+        if not 0.0 < beta_start <= beta_end < 1.0 or int(num_steps) < 2:
+            raise ValueError(f"need 0 < beta_start <= beta_end < 1 and num_steps >= 2, got {beta_start}, "
+                             f"{beta_end}, {num_steps}")
+        self.beta_start, self.beta_end, self.N = float(beta_start), float(beta_end), int(num_steps)
+        betas = torch.linspace(self.beta_start**0.5, self.beta_end**0.5, self.N, dtype=torch.float64) ** 2
+        self.t_knots = torch.arange(1, self.N + 1, dtype=torch.float64) / self.N
+        self.log_alpha_knots = 0.5 * torch.log1p(-betas).cumsum(0)  # strictly decreasing
+        self.T = 1.0
+        self.t_min = 1.0 / self.N
+        self.time_input_scale = float(self.N)
+
+    @staticmethod
+    def _segment(x: Tensor, xp: Tensor) -> Tensor:
+        """Index k of the knot segment [xp[k], xp[k+1]] that x falls in (the end ones beyond)."""
+        return (torch.searchsorted(xp, x.contiguous()) - 1).clamp(0, len(xp) - 2)
+
+    def _interp(self, x: Tensor, xp: Tensor, fp: Tensor) -> Tensor:
+        xp, fp = xp.to(x.device, x.dtype), fp.to(x.device, x.dtype)
+        k = self._segment(x, xp)
+        slope = (fp[k + 1] - fp[k]) / (xp[k + 1] - xp[k])
+        return fp[k] + (x - xp[k]) * slope
+
+    def log_mean_coef(self, t: Tensor | float) -> Tensor:
+        t = _as_tensor(t)
+        return self._interp(t, self.t_knots, self.log_alpha_knots)
+
+    def beta(self, t: Tensor | float) -> Tensor:
+        t = _as_tensor(t)
+        xp, fp = self.t_knots.to(t.device, t.dtype), self.log_alpha_knots.to(t.device, t.dtype)
+        k = self._segment(t, xp)
+        return -2.0 * (fp[k + 1] - fp[k]) / (xp[k + 1] - xp[k])
+
+    def _t_from_log_mean_coef(self, log_alpha: Tensor) -> Tensor:
+        # log alpha decreases in t: interpolate on the flipped (increasing) knots
+        return self._interp(log_alpha, self.log_alpha_knots.flip(0), self.t_knots.flip(0))
+
+    def sample_t(self, batch: int, eps: float = TRAIN_T_EPS, device: torch.device | str | None = None,
+                 dtype: torch.dtype = torch.float32, generator: torch.Generator | None = None) -> Tensor:
+        """Training times t = n / N with n uniform in 1..N (``eps`` is not used), shape (batch,)."""
+        n = torch.randint(1, self.N + 1, (batch,), device=device, generator=generator)
+        return n.to(dtype) / self.N
+
+    def __repr__(self) -> str:
+        return f"DiscreteVPSchedule(beta_start={self.beta_start}, beta_end={self.beta_end}, num_steps={self.N})"
+
+
 def get_sde(name: str = "linear", **kwargs: Any) -> VPSchedule:
-    """Build a registered schedule: ``"linear"`` (U-ViT's VP-SDE) or ``"cosine"``."""
+    """Build a registered schedule: ``"linear"`` (U-ViT's VP-SDE), ``"cosine"`` or ``"sd_discrete"``."""
     if name not in SDES:
         raise KeyError(f"unknown schedule {name!r}; known: {sorted(SDES)}")
     return SDES[name](**kwargs)
@@ -232,34 +294,44 @@ def noise_prediction_loss(
     *,
     t_eps: float = TRAIN_T_EPS,
     generator: torch.Generator | None = None,
+    t: Tensor | None = None,
+    noise: Tensor | None = None,
     return_per_sample: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor, Tensor]:
     """The simple epsilon-prediction loss (official U-ViT ``LSimple`` with ``pred='noise_pred'``).
 
-    Draws t ~ U(t_eps, T) and eps ~ N(0, I) per sample, forms x_t = alpha_t x0 + sigma_t eps and
-    calls ``net(x_t, t * 999, **cond_kwargs)``. U-ViT takes the mean of squares per sample and then
-    the batch mean, which equals the plain mean over all elements returned here.
+    Draws t with ``sde.sample_t`` (U(t_eps, T), or n / N for a discrete schedule) and eps ~ N(0, I)
+    per sample unless given, forms x_t = alpha_t x0 + sigma_t eps and calls
+    ``net(x_t, t * sde.time_input_scale, **cond_kwargs)``. U-ViT takes the mean of squares per
+    sample and then the batch mean, which equals the plain mean over all elements returned here.
+    Training calls it with its own keyed draws (``t``, ``noise``).
 
     Args:
         net: the backbone, ``net(x, timesteps, **cond) -> eps_pred`` shaped like x.
         x0: clean data, (B, ...).
         sde: the noise schedule.
         cond_kwargs: extra keyword arguments for ``net`` (e.g. ``y`` labels, ``context``).
-        t_eps: lower end of the training time range.
+        t_eps: lower end of the training time range (continuous schedules).
         generator: optional generator for t and eps (must live on x0's device).
+        t: the times (B,) to use instead of drawing them.
+        noise: the noise (like x0) to use instead of drawing it.
         return_per_sample: also return the per-sample losses (B,) and the times t (B,).
 
     Returns:
-        The scalar loss (0-d tensor), or ``(loss, per_sample_loss, t)`` if ``return_per_sample``.
+        The scalar loss (0-d tensor, float32 or wider), or ``(loss, per_sample_loss, t)``.
     """
     batch = x0.shape[0]
-    # t stays float32 (float64 for float64 data) even for half-precision x0, to keep its resolution.
-    t_dtype = torch.float64 if x0.dtype == torch.float64 else torch.float32
-    t = sde.sample_t(batch, eps=t_eps, device=x0.device, dtype=t_dtype, generator=generator)
-    noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+    if t is None:
+        # t stays float32 (float64 for float64 data) even for half-precision x0, to keep its resolution.
+        t_dtype = torch.float64 if x0.dtype == torch.float64 else torch.float32
+        t = sde.sample_t(batch, eps=t_eps, device=x0.device, dtype=t_dtype, generator=generator)
+    if noise is None:
+        noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
     x_t = sde.marginal(x0, t, noise)
-    eps_pred = net(x_t, t * TIME_INPUT_SCALE, **dict(cond_kwargs or {}))
-    per_sample = (eps_pred - noise).pow(2).flatten(1).mean(dim=1)
+    eps_pred = net(x_t, t * sde.time_input_scale, **dict(cond_kwargs or {}))
+    # float32 at least: a bf16/fp16 network output is compared with the noise in full precision
+    wide = torch.promote_types(eps_pred.dtype, torch.float32)
+    per_sample = (eps_pred.to(wide) - noise.to(wide)).pow(2).flatten(1).mean(dim=1)
     loss = per_sample.mean()
     if return_per_sample:
         return loss, per_sample, t
@@ -287,7 +359,7 @@ def _concat_cond(cond: Mapping[str, Any], null_cond: Mapping[str, Any]) -> dict[
 class NoisePredictor(nn.Module):
     """Turns a backbone into ``eps_fn(x, t)`` for the samplers, with optional classifier-free guidance.
 
-    ``eps_fn(x, t) = (1 + w) * net(x, t*999, **cond) - w * net(x, t*999, **null_cond)``
+    ``eps_fn(x, t) = (1 + w) * net(x, s t, **cond) - w * net(x, s t, **null_cond)``, s the time input scale
     (U-ViT convention: ``guidance_scale`` w = 0 means no guidance). With w != 0 both branches run
     in one forward pass of batch 2B.
 
@@ -299,6 +371,7 @@ class NoisePredictor(nn.Module):
             ``{"y": torch.full((B,), num_classes)}`` for U-ViT's null class token, or the empty
             prompt's embedding repeated B times. Required when ``guidance_scale != 0``.
         guidance_scale: w >= 0.
+        time_input_scale: the network sees t times this (``sde.time_input_scale``).
     """
 
     def __init__(
@@ -307,9 +380,11 @@ class NoisePredictor(nn.Module):
         cond_kwargs: Mapping[str, Any] | None = None,
         null_cond_kwargs: Mapping[str, Any] | None = None,
         guidance_scale: float = 0.0,
+        time_input_scale: float = TIME_INPUT_SCALE,
     ):
         super().__init__()
         self.net = net
+        self.time_input_scale = float(time_input_scale)
         self.cond_kwargs = dict(cond_kwargs or {})
         self.null_cond_kwargs = None if null_cond_kwargs is None else dict(null_cond_kwargs)
         self.guidance_scale = float(guidance_scale)
@@ -321,7 +396,7 @@ class NoisePredictor(nn.Module):
         if t.dim() == 0:
             t = t.expand(x.shape[0])
         # t keeps its own (float32) dtype: 999 * t in bf16 would lose the time resolution.
-        timesteps = t * TIME_INPUT_SCALE
+        timesteps = t * self.time_input_scale
         w = self.guidance_scale
         if w == 0.0:
             return self.net(x, timesteps, **self.cond_kwargs)

@@ -3,7 +3,7 @@
 File name ``{dataset}_{mode}_{split}_{res}.npz`` (clean-fid's naming) in ``<cache>/fid_stats/``
 (``<cache>`` = ``$SCALELONG_CACHE`` or ``~/.cache/scalelong``). Arrays: ``mu`` (D,) and ``sigma``
 (D, D) in float64, ``num`` (images used), ``kid_feats`` (float32 features of up to ``kid_max``
-images, for KID) and ``meta`` (a JSON string: data set, split, mode, resolution, the Inception
+images picked by a seeded permutation, for KID) and ``meta`` (a JSON string: data set, split, mode, resolution, the Inception
 weights' sha1 and source). Written atomically; a sidecar ``.json`` repeats the metadata with the
 sha1 of the ``.npz`` itself, which every FID result records.
 
@@ -125,21 +125,33 @@ def check_compatible(ref: ReferenceStats, mode: str, weights_sha1: str | None, d
 
 def compute_reference(images: Tensor | ImageSource, extractor: Callable[[Tensor], Tensor],
                       meta: Mapping[str, Any] | None = None, batch_size: int = 50, kid_max: int = 5000,
-                      workers: int = 1, progress: bool = False, order: Tensor | None = None) -> ReferenceStats:
+                      workers: int = 1, progress: bool = False, order: Tensor | None = None,
+                      kid_seed: int = 0) -> ReferenceStats:
     """Statistics of uint8 ``images`` (N, C, H, W), or of an ``ImageSource`` read in pieces;
-    ``order`` picks (and orders) the images used; ``meta`` is stored with them."""
+    ``order`` picks (and orders) the images used; ``meta`` is stored with them.
+
+    KID keeps the features of ``kid_max`` images chosen by a permutation seeded with ``kid_seed``
+    (recorded in the metadata), never the first ones in the data set's order, which for a
+    class-sorted folder would be a few classes only. Images are still read in order.
+    """
     t0 = time.perf_counter()
     source = TensorImages(images) if isinstance(images, Tensor) else images
     order = torch.arange(len(source)) if order is None else torch.as_tensor(order)
     if len(order) < 2:
         raise DataError(f"reference statistics need at least 2 images, got {len(order)}")
+    # kid_rank[k]: the position of the k-th image read in a random order; rows of rank < kid_max are kept.
+    kid_rank = torch.empty(len(order), dtype=torch.long)
+    kid_rank[torch.randperm(len(order), generator=torch.Generator().manual_seed(int(kid_seed)))] = \
+        torch.arange(len(order))
     stats = FeatureStats(extractor.dim, feature_device(extractor), kid_max)
     update, close = progress_reporter(progress, len(order), "reference features")
     try:
         piece = batch_size * 8  # what one read holds in memory
         for lo in range(0, len(order), piece):
+            done = lo
             for feats in iter_features(source.take(order[lo:lo + piece]), extractor, batch_size, workers):
-                stats.update(feats)
+                stats.update(feats, kid_rank[done:done + len(feats)])
+                done += len(feats)
             update(min(lo + piece, len(order)))
     finally:
         close()
@@ -148,6 +160,7 @@ def compute_reference(images: Tensor | ImageSource, extractor: Callable[[Tensor]
             "weights_source": getattr(weights, "source", None),
             "weights_file": None if weights is None else Path(weights.path).name,
             "num": stats.count, "seconds": round(time.perf_counter() - t0, 1),
+            "kid_rows": "seeded random subset" if kid_max else None, "kid_seed": int(kid_seed) if kid_max else None,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **dict(meta or {})}
     return ReferenceStats(stats.mean(), stats.cov(), stats.count, stats.kid_features() if kid_max else None, info)
 

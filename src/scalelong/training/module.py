@@ -16,12 +16,11 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from scalelong.data.coco import sample_latents
 from scalelong.data.sampler import batch_len, step_seed
-from scalelong.diffusion import TIME_INPUT_SCALE, TRAIN_T_EPS, NoisePredictor, get_sde, sample
+from scalelong.diffusion import TRAIN_T_EPS, NoisePredictor, get_sde, noise_prediction_loss, sample
 from scalelong.ema import EMA
 from scalelong.errors import ConfigError, TrainingDiverged
 from scalelong.models import build_backbone
@@ -91,6 +90,7 @@ class DiffusionModule(pl.LightningModule):
             self.register_buffer("empty_context", torch.zeros(shape))
         self.nonfinite_in_row = 0
         self.nonfinite_total = 0
+        self.overflow_total = 0  # fp16 steps the loss scaler skipped
 
     # --- training -----------------------------------------------------------------------------
 
@@ -148,16 +148,35 @@ class DiffusionModule(pl.LightningModule):
         draws = {k: None if v is None else v[rank * local:(rank + 1) * local]
                  for k, v in self._global_draws(step, local * world).items()}
         x0 = self._clean_batch(batch, draws)
-        t, noise = draws["t"], draws["noise"]
-        x_t = self.sde.marginal(x0, t, noise)
-        if self.channels_last and x_t.is_cuda:
-            x_t = x_t.contiguous(memory_format=torch.channels_last)
-        pred = self.net(x_t, t * TIME_INPUT_SCALE, **self._conditioning(batch, draws["drop"]))
-        loss = F.mse_loss(pred.float(), noise)
+        if self.channels_last and x0.is_cuda:
+            x0 = x0.contiguous(memory_format=torch.channels_last)
+        # The loss the tests check, with this step's keyed draws of t and the noise.
+        loss = noise_prediction_loss(self.net, x0, self.sde, self._conditioning(batch, draws["drop"]),
+                                     t=draws["t"], noise=draws["noise"])
 
         self.log("train/loss", loss, prog_bar=True, sync_dist=world > 1)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"] if self._trainer else 0.0)
         return loss
+
+    def _loss_scaler(self):
+        """The fp16 ``GradScaler`` of Lightning's mixed precision (``16-mixed``), or None."""
+        return getattr(self.trainer.precision_plugin, "scaler", None) if self._trainer is not None else None
+
+    def on_before_backward(self, loss: Tensor) -> None:
+        # Told apart later: a non-finite loss is divergence, non-finite gradients of a finite
+        # loss under a loss scaler are an fp16 overflow (the scaler's business).
+        self._loss_finite = torch.isfinite(loss.detach())
+
+    def on_after_backward(self) -> None:
+        # Lightning leaves unscaling to optimizers that handle it in their step (fused AdamW),
+        # so their gradients would still carry the loss scale in the hooks below. Unscale them
+        # here, before any callback measures, clips or guards them; the scaler then steps with
+        # the unscaled gradients and its own overflow check.
+        scaler = self._loss_scaler()
+        if scaler is not None and self.automatic_optimization:
+            optimizer = self.trainer.optimizers[0]
+            if getattr(optimizer, "_step_supports_amp_scaling", False):
+                scaler.unscale_(optimizer)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # Gradients are unscaled (AMP) and all-reduced (DDP) here, so every rank takes the same
@@ -166,7 +185,16 @@ class DiffusionModule(pl.LightningModule):
         max_norm = float(clip) if clip else math.inf
         norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), max_norm, foreach=True)
         self.log("train/grad_norm", norm)
-        self._guard_nonfinite(bool(torch.isfinite(norm)))  # one device sync per step
+        loss_finite = getattr(self, "_loss_finite", None)
+        flags = torch.stack([torch.isfinite(norm), loss_finite if loss_finite is not None else torch.isfinite(norm)])
+        grads_finite, loss_finite = flags.tolist()  # one device sync per step
+        if self._loss_scaler() is not None and loss_finite and not grads_finite:
+            # fp16 overflow while the loss scale calibrates: the scaler skips this step and
+            # lowers the scale. Not a divergence, and the gradients stay for its own check.
+            self.overflow_total += 1
+            self.log("train/overflow_skipped", float(self.overflow_total))
+            return
+        self._guard_nonfinite(grads_finite and loss_finite)
 
     def _guard_nonfinite(self, finite: bool) -> None:
         """Divergence guard: a step with a non-finite loss or gradient is skipped, counted and
@@ -203,16 +231,20 @@ class DiffusionModule(pl.LightningModule):
                     self.log(f"scaling/lsc{i}_std", c.std)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["nonfinite"] = {"in_row": self.nonfinite_in_row, "total": self.nonfinite_total}
+        checkpoint["nonfinite"] = {"in_row": self.nonfinite_in_row, "total": self.nonfinite_total,
+                                   "overflow": self.overflow_total}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         counts = checkpoint.get("nonfinite", {})
         self.nonfinite_in_row = int(counts.get("in_row", 0))
         self.nonfinite_total = int(counts.get("total", 0))
+        self.overflow_total = int(counts.get("overflow", 0))
 
     def configure_optimizers(self):
         o = self.optim
-        fused = self.device.type == "cuda"
+        # fused: one kernel for the whole update (CUDA by default; `optim.fused=true` elsewhere).
+        fused = o.get("fused")
+        fused = self.device.type == "cuda" if fused is None else bool(fused)
         optimizer = torch.optim.AdamW(self.net.parameters(), lr=float(o["lr"]), betas=tuple(o["betas"]),
                                       weight_decay=float(o["weight_decay"]), fused=fused or None)
         warmup = int(o.get("warmup_steps", 0))
@@ -234,7 +266,8 @@ class DiffusionModule(pl.LightningModule):
             if guidance_scale:
                 raise ConfigError("guidance needs a conditional model")
             cond, null = {}, None
-        return NoisePredictor(net, cond, null, guidance_scale=guidance_scale)
+        return NoisePredictor(net, cond, null, guidance_scale=guidance_scale,
+                              time_input_scale=self.sde.time_input_scale)
 
     def set_decoder(self, name: str | None, subfolder: str | None = None) -> None:
         """Decode latents with another autoencoder (a diffusers folder or hub id) from now on."""

@@ -48,7 +48,6 @@ import torch
 from torch import Tensor, nn
 
 from scalelong.data import BatchRequest, batch_len
-from scalelong.diffusion import TIME_INPUT_SCALE
 from scalelong.io import write_text
 from scalelong.models import UNet, UViT
 from scalelong.scaling import ConstantCoefficients, SkipScaling
@@ -346,7 +345,7 @@ class StabilityMonitor(pl.Callback):
         if self._due(self.robustness_every, step) and self._probe is not None:
             # Before the training forward: a learnable strategy's logged gate statistics come
             # from the training batch, which runs after this probe.
-            self._pending.update(self.robustness(pl_module.net))
+            self._pending.update(self.robustness(pl_module.net, pl_module.sde.time_input_scale))
         self._measuring = self._due(self.every, step) and self.recorder is not None
         if self._measuring:
             self.recorder.attach()  # after the probe: only the training forward is recorded
@@ -385,7 +384,7 @@ class StabilityMonitor(pl.Callback):
     # --- robustness -------------------------------------------------------------------------
 
     @torch.no_grad()
-    def robustness(self, net: nn.Module) -> dict[str, Tensor]:
+    def robustness(self, net: nn.Module, time_input_scale: float = 999.0) -> dict[str, Tensor]:
         """``robustness/t{t}``: mean over the probe batch of ||f(x_t + d) - f(x_t)|| / ||d||."""
         out = {}
         cond = self._probe["cond"]
@@ -395,7 +394,7 @@ class StabilityMonitor(pl.Callback):
         # Full precision: a 1e-3 perturbation would drown in bf16 rounding.
         with eval_mode(net), eager(net), torch.autocast(device_type, enabled=False):
             for t, (x_t, d, tt) in self._probe["points"].items():
-                times = torch.cat([tt, tt]) * TIME_INPUT_SCALE
+                times = torch.cat([tt, tt]) * time_input_scale
                 gain = perturbation_gain(lambda x: net(x.to(dtype), times, **cond2), x_t, d)
                 out[f"robustness/t{t:g}"] = gain.mean()
         return out
