@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import functools
 import math
 import platform
 import statistics
@@ -33,9 +34,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from scalelong.diffusion import NoisePredictor, get_sde, sample
-from scalelong.ema import EMA
-from scalelong.io import write_text
-from scalelong.models import build_backbone, uvit_from_preset
+from scalelong.training.ema import EMA
+from scalelong.utils.io import write_text
+from scalelong.models import from_preset, preset_config
 
 
 # --- timing helpers --------------------------------------------------------------------------
@@ -109,16 +110,14 @@ class PlainStep:
 
 
 def build(backbone: str, preset: str, strategy: str, shape) -> nn.Module:
+    """``backbone:preset`` (the backbone is a label; ``conf/model/<preset>.yaml`` says the class)."""
     spec = {"name": strategy, "kappa": 0.5} if strategy == "constant" else {"name": strategy}
-    dataset = {"image_size": shape[1], "channels": shape[0]}
-    return build_backbone({"backbone": backbone, "preset": preset}, spec, dataset)
+    return from_preset(preset, scaling=spec, img_size=shape[1], in_chans=shape[0])
 
 
 def default_shape(backbone: str, preset: str) -> tuple[int, int, int]:
-    from scalelong.models import UNET_PRESETS, UVIT_PRESETS
-
-    p = (UVIT_PRESETS if backbone == "uvit" else UNET_PRESETS)[preset]
-    return (p.get("in_chans", 3), p.get("img_size", 32), p.get("img_size", 32))
+    p = preset_config(preset)
+    return (p["in_chans"], p["img_size"], p["img_size"])
 
 
 # --- a straightforward reference U-ViT, for comparison only ---------------------------------
@@ -210,12 +209,10 @@ def bench_training(args, device) -> list[dict]:
 
 def bench_reference_uvit(args, device) -> list[dict]:
     preset = args.reference_preset
-    from scalelong.models import UVIT_PRESETS
-
-    kw = UVIT_PRESETS[preset]
-    shape = (kw.get("in_chans", 3), kw["img_size"], kw["img_size"])
+    kw = preset_config(preset)
+    shape = (kw["in_chans"], kw["img_size"], kw["img_size"])
     out = {}
-    for name, net in [("ours", uvit_from_preset(preset)), ("reference", ReferenceUViT(**kw))]:
+    for name, net in [("ours", from_preset(preset)), ("reference", ReferenceUViT(**kw))]:
         torch.manual_seed(0)
         step = PlainStep(net, shape, args.batch, device, args.precision)
         out[name] = timed(step, args.steps, args.warmup, device)
@@ -236,13 +233,9 @@ def bench_lightning(args, device) -> list[dict]:
 
     backbone, preset = args.lightning_model.split(":")
     shape = default_shape(backbone, preset)
-    config = {
-        "seed": 0, "dataset": {"name": "bench", "image_size": shape[1], "channels": shape[0], "random_flip": True},
-        "model": {"backbone": backbone, "preset": preset, "channels_last": channels_last_for(backbone, device)},
-        "scaling": {"name": "none"},
-        "diffusion": {"schedule": "linear"}, "ema": {"decay": 0.9999},
-        "optim": {"lr": 2e-4, "betas": [0.99, 0.999], "weight_decay": 0.03, "warmup_steps": 0},
-    }
+    from scalelong.data.space import DataSpace
+
+    dataset = {"name": "bench", "image_size": shape[1], "channels": shape[0], "random_flip": True}
     n = args.batch * 4
     images = torch.randint(0, 256, (n, *shape), dtype=torch.uint8)
 
@@ -259,8 +252,10 @@ def bench_lightning(args, device) -> list[dict]:
             self.times.append(time.perf_counter() - self.t0)
 
     torch.manual_seed(0)
-    module = DiffusionModule(config)
-    data = DiffusionDataModule(config["dataset"], args.batch, 0)
+    module = DiffusionModule(build(backbone, preset, "none", shape), get_sde("linear"), DataSpace.from_config(dataset),
+                             functools.partial(torch.optim.AdamW, lr=2e-4, betas=(0.99, 0.999), weight_decay=0.03),
+                             ema_decay=0.9999, channels_last=channels_last_for(backbone, device))
+    data = DiffusionDataModule(dataset, args.batch, 0)
     data.data = InMemoryImages(images)
     timer = StepTimes()
     precision = {"fp32": "32-true", "bf16": "bf16-mixed", "fp16": "16-mixed"}[args.precision]
@@ -417,7 +412,7 @@ def main(argv=None) -> int:
     out = args.out or Path("outputs/benchmarks") / time.strftime("%Y-%m-%d_%H-%M-%S.json")
     result = {"machine": machine, "torch": torch.__version__, "args": vars(args) | {"out": str(out)}, "rows": rows}
     from scalelong.cli import fail
-    from scalelong.errors import ConfigError
+    from scalelong.utils.errors import ConfigError
 
     try:  # a full disk or an unwritable --out: one line; the table above is already on screen
         write_text(out, json.dumps(result, indent=2, default=str) + "\n")

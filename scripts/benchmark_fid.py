@@ -63,20 +63,18 @@ def bench_inception(args, device) -> None:
 
 def bench_sampling(args, device) -> None:
 
-    from scalelong.training.checkpoints import load_module
-    from scalelong.training.module import DiffusionModule
+    from scalelong.build import build_network, build_schedule, build_space
+    from scalelong.config import compose, to_plain
+    from scalelong.model import DiffusionModel
 
     if args.checkpoint is not None:
-        module = load_module(args.checkpoint, device)
+        module = DiffusionModel.from_checkpoint(args.checkpoint, device)
         what = str(args.checkpoint)
     else:
-        from hydra import compose, initialize_config_dir
-        from omegaconf import OmegaConf
-
-        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-            cfg = compose(config_name="train", overrides=[*args.model_overrides, "run_dir=."])
-        module = DiffusionModule(OmegaConf.to_container(cfg, resolve=True)).to(device).eval()
-        what = f"{cfg.model.backbone} {cfg.model.get('preset', '')} for {cfg.dataset.name} (untrained)"
+        cfg = to_plain(compose(args.model_overrides))
+        net = build_network(cfg["model"], cfg["scaling"], cfg["dataset"]).to(device).eval()
+        module = DiffusionModel(net, net, build_schedule(cfg["diffusion"]), build_space(cfg["dataset"]))
+        what = f"{cfg['model']['_target_'].rsplit('.', 1)[-1]} for {cfg['dataset']['name']} (untrained)"
     params = sum(p.numel() for p in module.net.parameters())
     module.generate(args.sample_batch, "euler_ode", 1, seed=0)  # warm-up
     _sync(device)
@@ -95,7 +93,7 @@ def main(argv=None) -> int:
     import torch
 
     from scalelong.cli import fail
-    from scalelong.errors import ConfigError
+    from scalelong.utils.errors import ConfigError
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, device {device}"

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-import scalelong.config  # noqa: F401  (registers the resolvers the configs use)
+from scalelong.config import compose as compose_config
+from scalelong.config import to_plain
 
 os.environ.setdefault("WANDB_MODE", "disabled")  # tests never talk to W&B
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -20,13 +21,7 @@ CONF = ROOT / "conf"
 
 def compose(overrides: list[str], run_dir: Path | str | None = None) -> dict:
     """The resolved run config for ``overrides``, as ``python train.py`` would see it."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from omegaconf import OmegaConf
-
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = hydra_compose(config_name="train", overrides=[*overrides, f"run_dir={run_dir or '.'}"])
-    return OmegaConf.to_container(cfg, resolve=True)
+    return to_plain(compose_config(overrides, run_dir or "."))
 
 
 def load_script(name: str):

@@ -23,7 +23,7 @@ def quick_compile(monkeypatch):
 def test_every_part_of_the_benchmark_on_tiny_models(tmp_path, quick_compile, capsys):
     out = tmp_path / "bench.json"
     code = load_script("benchmark").main([
-        "--models", "uvit:uvit_tiny,unet:tiny", "--strategies", "none,learnable", "--batch", "2",
+        "--models", "uvit:uvit_tiny,unet:unet_tiny", "--strategies", "none,learnable", "--batch", "2",
         "--steps", "1", "--warmup", "1", "--lightning-model", "uvit:uvit_tiny", "--reference-preset", "uvit_tiny",
         "--sample-batch", "2", "--only", "train,reference,lightning,compile,sampling,data", "--out", str(out)])
     assert code == 0
@@ -79,6 +79,6 @@ def test_gate_benchmark_interleaves_strategies_in_rotating_order(capsys):
                      "learnable", "learnable_nonshared", "none",
                      "learnable_nonshared", "none", "learnable"]
     assert all(len(t) == 3 for t in times.values())
-    assert gate.main(["--models", "unet:tiny", "--rounds", "2", "--warmup", "0", "--batch", "2"]) == 0
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("unet:tiny")]
+    assert gate.main(["--models", "unet:unet_tiny", "--rounds", "2", "--warmup", "0", "--batch", "2"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("unet:unet_tiny")]
     assert [line.split()[1] for line in lines] == ["none", "learnable", "learnable_nonshared"]

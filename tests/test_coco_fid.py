@@ -19,18 +19,18 @@ import torch
 from conftest import compose
 from fid_helpers import LinearFeatures
 from PIL import Image
-from test_data_coco import CAPTIONS, write_coco, write_features
+from test_data_coco import CAPTIONS, write_features
 
 from scalelong.data import coco
-from scalelong.errors import ConfigError, DataError
-from scalelong.metrics.conditioning import prepare_sampling
+from scalelong.utils.errors import ConfigError, DataError
+from scalelong.metrics.evaluation import FIDEvaluator
 from scalelong.metrics.reference import (compute_reference, load_reference, make_reference_stats, reference_resolution,
                                          save_reference)
 from scalelong.metrics.sampling import chunk_seed
 
 ROOT = Path(__file__).resolve().parents[1]
 SHRINK = ["trainer=cpu", "experiment=smoke", "logger=none", "train.batch_size=4", "train.max_steps=2",
-          "model.preset=uvit_tiny", "train.num_workers=0"]
+          "model=uvit_tiny", "train.num_workers=0"]
 
 
 def _context_owner(arrays: dict) -> dict[bytes, tuple[int, int]]:
@@ -110,7 +110,7 @@ def coco_run(tmp_path_factory):
     write_features(root / "data")
     arrays = write_features(root / "val_only", "val")
     (root / "val_only" / "val").rename(root / "data" / "val")
-    from scalelong.run import train
+    from scalelong.cli.train import train
 
     result = train(compose(["dataset=mscoco", *SHRINK, f"dataset.data_dir={root / 'data'}",
                             f"dataset.decoder={root / 'vae'}"], root / "run"))
@@ -129,7 +129,7 @@ def _evaluate_script():
 
 def test_evaluate_conditions_on_val_captions_and_decodes_to_256_pixels(coco_run, tmp_path, monkeypatch):
     from scalelong.metrics import inception
-    from scalelong.training.checkpoints import load_module
+    from scalelong.model import DiffusionModel
 
     ext = LinearFeatures()
     ext.weights = SimpleNamespace(describe=lambda: "a linear stand-in", path=Path("linear"), source="test")
@@ -151,7 +151,7 @@ def test_evaluate_conditions_on_val_captions_and_decodes_to_256_pixels(coco_run,
         samples, indices = z["samples"], z["indices"]
     assert samples.shape == (5, 256, 256, 3) and indices.tolist() == list(range(5))
     # chunk 1 (samples 2 and 3) is exactly what the model draws for those samples' val captions
-    module = load_module(coco_run["checkpoint"], "cpu")
+    module = DiffusionModel.from_checkpoint(coco_run["checkpoint"], "cpu")
     data = coco.CocoLatentFeatures(coco_run["root"] / "data", split="val")
     expected = module.generate(2, "dpm_solver", 2, seed=chunk_seed(0, 1), contexts=data.sample_contexts([2, 3], 0),
                                guidance_scale=1.0, batch_size=2)
@@ -162,19 +162,19 @@ def test_evaluate_conditions_on_val_captions_and_decodes_to_256_pixels(coco_run,
 
 
 def test_latent_fid_without_a_decoder_or_val_features_is_one_clear_error(coco_run, tmp_path):
-    module = coco_run["module"]
-    module.set_decoder(None)
-    try:
-        with pytest.raises(ConfigError, match="names no autoencoder .* --decoder .* dataset.decoder"):
-            prepare_sampling(module)
-    finally:
-        module.set_decoder(str(coco_run["root"] / "vae"))
+    from scalelong.model import DiffusionModel
+
+    model = DiffusionModel.from_checkpoint(coco_run["checkpoint"])
+    model.set_decoder(None)
+    with pytest.raises(ConfigError, match="names no autoencoder .* --decoder .* dataset.decoder"):
+        FIDEvaluator(model, extractor=LinearFeatures(), ref=tmp_path / "ref.npz")
+    model.set_decoder(str(coco_run["root"] / "vae"))
     with pytest.raises(DataError, match="MS-COCO 256 features not found"):
-        prepare_sampling(module, data_dir=tmp_path / "missing")
+        FIDEvaluator(model, extractor=LinearFeatures(), ref=tmp_path / "ref.npz", contexts_dir=tmp_path / "missing")
 
 
 def test_in_training_fid_of_the_text_to_image_model(coco_run, tmp_path):
-    from scalelong.run import train
+    from scalelong.cli.train import train
 
     root = coco_run["root"]
     ext = LinearFeatures()
@@ -193,7 +193,7 @@ def test_in_training_fid_of_the_text_to_image_model(coco_run, tmp_path):
 
 
 def test_sample_script_conditions_a_text_checkpoint_on_val_captions(coco_run, tmp_path):
-    from scalelong.training.checkpoints import load_module
+    from scalelong.model import DiffusionModel
 
     spec = importlib.util.spec_from_file_location("sample_script", ROOT / "scripts" / "sample.py")
     script = importlib.util.module_from_spec(spec)
@@ -203,7 +203,7 @@ def test_sample_script_conditions_a_text_checkpoint_on_val_captions(coco_run, tm
                         "--device", "cpu", "--out", str(out)]) == 0
     with np.load(out.with_suffix(".npz")) as z:
         samples = torch.from_numpy(z["samples"])
-    module = load_module(coco_run["checkpoint"], "cpu")
+    module = DiffusionModel.from_checkpoint(coco_run["checkpoint"], "cpu")
     data = coco.CocoLatentFeatures(coco_run["root"] / "data", split="val")
     expected = module.generate(2, "dpm_solver", 2, seed=0, contexts=data.sample_contexts([0, 1], 0),
                                guidance_scale=1.0)

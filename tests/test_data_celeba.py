@@ -12,7 +12,7 @@ from PIL import Image
 
 from scalelong.data import build_dataset
 from scalelong.data import celeba
-from scalelong.errors import DataError
+from scalelong.utils.errors import DataError
 
 QUADRANTS = [(255, 40, 40), (40, 255, 40), (40, 40, 255), (250, 250, 250)]  # TL, TR, BL, BR of the crop
 PARTITION = [("000001.jpg", 0), ("000002.jpg", 0), ("000003.jpg", 1), ("000004.jpg", 0), ("000005.jpg", 2),

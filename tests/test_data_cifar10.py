@@ -15,7 +15,7 @@ import torch
 
 from scalelong.data import build_dataset
 from scalelong.data import cifar10
-from scalelong.errors import DataError
+from scalelong.utils.errors import DataError
 
 PER_BATCH = 4
 

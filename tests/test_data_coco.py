@@ -15,7 +15,7 @@ from scalelong.data import build_dataset
 from scalelong.data import coco
 from scalelong.data.images import keep_batch
 from scalelong.data.sampler import BatchRequest, StepBatchSampler
-from scalelong.errors import DataError
+from scalelong.utils.errors import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
 CAPTIONS = [2, 1, 3, 2, 5]  # captions per image

@@ -13,7 +13,7 @@ from PIL import Image
 
 from scalelong.data import build_dataset
 from scalelong.data import imagenet
-from scalelong.errors import DataError
+from scalelong.utils.errors import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
 COUNTS = [3, 2, 3, 2, 1, 2, 3, 2, 2, 1]  # images per batch 1..10

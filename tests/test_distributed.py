@@ -11,11 +11,11 @@ from pathlib import Path
 import torch
 from conftest import ROOT, compose
 
-from scalelong.run import train
+from scalelong.cli.train import train
 
 # Dropout masks are drawn per rank, so they differ between 1 and 2 processes: switch it off to
 # compare the two runs step by step.
-COMMON = ["experiment=smoke", "logger=csv", "train.batch_size=16", "train.max_steps=5", "+model.options.dropout=0",
+COMMON = ["experiment=smoke", "logger=csv", "train.batch_size=16", "train.max_steps=5", "model.dropout=0",
           "checkpoint.every_n_steps=5"]
 
 
@@ -52,7 +52,7 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     # Weights: Adam scales each update to about lr, so where a gradient is close to zero the
     # rounding noise can change an update by up to lr per step: 5 steps x lr bound the gap
     # (measured: 1.7e-4 at most, on the biases of the zero-initialised output convolutions).
-    lr = single["module"].optim["lr"]
+    lr = single["module"].trainer.optimizers[0].defaults["lr"]
     ddp_state = torch.load(ddp_dir / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
     for k, v in single["module"].state_dict().items():
         torch.testing.assert_close(ddp_state[k], v, rtol=0, atol=5 * lr, msg=k)

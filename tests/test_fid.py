@@ -13,7 +13,7 @@ import scipy.linalg
 import torch
 from fid_helpers import IndexedGenerator, LinearFeatures, random_spd, two_process_worker
 
-from scalelong.errors import ConfigError, DataError
+from scalelong.utils.errors import ConfigError, DataError
 from scalelong.metrics import inception as inc
 from scalelong.metrics.features import feature_stats, preprocess, to_rgb_uint8
 from scalelong.metrics.frechet import (
@@ -204,13 +204,13 @@ def test_two_processes_sample_exactly_n_disjoint_samples_equal_to_one_process(tw
 
 
 def test_a_real_model_draws_the_same_sample_i_for_any_world_size(tmp_path):
-    """DiffusionModule.generate through the shards: ranks of worlds 2 and 3 give one process's samples."""
+    """DiffusionModel.generate through the shards: ranks of worlds 2 and 3 give one process's samples."""
     from conftest import compose
 
-    from scalelong.training.module import DiffusionModule
+    from scalelong.cli.train import build_module
 
     torch.manual_seed(0)
-    module = DiffusionModule(compose(["experiment=smoke", "logger=none"], tmp_path)).eval()
+    module = build_module(compose(["experiment=smoke", "logger=none"], tmp_path)).eval().model
     one = torch.cat([x for _, x in generate_shard(module, 7, "euler_maruyama", 2, 3, 2, 0, 1)])
     assert len(one) == 7 and len({bytes(x.numpy()) for x in one}) == 7  # no duplicates
     for world in (2, 3):

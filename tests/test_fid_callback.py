@@ -15,9 +15,9 @@ from conftest import compose
 from fid_helpers import LinearFeatures
 
 from scalelong.data import load_digits_images
-from scalelong.errors import DataError
+from scalelong.utils.errors import DataError
 from scalelong.metrics.reference import compute_reference, save_reference
-from scalelong.run import train
+from scalelong.cli.train import train
 from scalelong.training.fid_callback import FIDCallback, best_entry, read_history
 
 
@@ -89,7 +89,7 @@ def test_build_reference_computes_missing_statistics(tmp_path):
 
 
 def test_bad_sampler_is_a_config_error():
-    from scalelong.errors import ConfigError
+    from scalelong.utils.errors import ConfigError
 
     with pytest.raises(ConfigError, match="valid"):
         FIDCallback(sampler="nope")

@@ -84,7 +84,7 @@ def test_features_equal_clean_fids_own_pipeline_on_saved_pngs(inception, digit_s
 def test_make_fid_stats_and_evaluate_end_to_end(inception, tmp_path, monkeypatch):
     from conftest import compose
 
-    from scalelong.run import train
+    from scalelong.cli.train import train
 
     sys.path.insert(0, str(ROOT / "scripts"))
     import evaluate

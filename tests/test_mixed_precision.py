@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import compose
 
-from scalelong.run import train
+from scalelong.cli.train import train
 from scalelong.training.module import DiffusionModule
 
 FP16 = ["experiment=smoke", "logger=none", "trainer.precision=16-mixed", "optim.fused=true",
@@ -38,7 +38,7 @@ def _grad_norms(cfg, steps=1):
             seen[self.global_step] = (float(self.trainer.callback_metrics["train/grad_norm"]),
                                       float(self._loss_scaler().get_scale()))
 
-    import scalelong.run as run_module
+    import scalelong.training.module as run_module
 
     original = run_module.DiffusionModule
     run_module.DiffusionModule = Spy
@@ -55,7 +55,7 @@ def test_gradient_norm_does_not_depend_on_the_loss_scale(tmp_path, init_scale):
     norms = {}
     for scale in (2.0**4, 2.0**12):
         init_scale(scale)
-        cfg = compose([*FP16, "train.max_steps=1", "+model.options.dropout=0"], tmp_path / f"s{int(scale)}")
+        cfg = compose([*FP16, "train.max_steps=1", "model.dropout=0"], tmp_path / f"s{int(scale)}")
         step0 = _grad_norms(cfg)[0]
         assert step0[1] == scale  # no overflow at these scales: the scale was not touched yet
         norms[scale] = step0[0]
@@ -65,7 +65,7 @@ def test_gradient_norm_does_not_depend_on_the_loss_scale(tmp_path, init_scale):
 
 def test_fp16_overflow_is_skipped_by_the_scaler_and_is_not_divergence(tmp_path, init_scale):
     init_scale(2.0**40)  # far too large: fp16 gradients overflow until the scaler has halved it
-    run = train(compose([*FP16, "train.max_steps=30", "optim.max_nonfinite_in_row=5"], tmp_path))
+    run = train(compose([*FP16, "train.max_steps=30", "train.max_nonfinite_in_row=5"], tmp_path))
     module = run["module"]
     assert module.nonfinite_total == 0 and run["metrics"]["train/nonfinite_skipped"] == 0
     assert module.overflow_total >= 10 and run["metrics"]["train/overflow_skipped"] == module.overflow_total
@@ -115,12 +115,12 @@ def test_clipping_acts_on_unscaled_gradients(tmp_path, init_scale):
 
             optimizer.step = spied_step
 
-    import scalelong.run as run_module
+    import scalelong.training.module as run_module
 
     original = run_module.DiffusionModule
     run_module.DiffusionModule = Spy
     try:
-        run = train(compose([*FP16, "train.max_steps=3", "optim.grad_clip=0.01"], tmp_path))
+        run = train(compose([*FP16, "train.max_steps=3", "train.grad_clip=0.01"], tmp_path))
     finally:
         run_module.DiffusionModule = original
     assert run["module"].overflow_total == 0 and run["metrics"]["train/grad_norm"] > 0.01

@@ -2,7 +2,7 @@
 the fix; the previous file stays intact and no temporary file is left behind.
 
 A full disk is the kernel's own: the ``full_disk`` fixture points the file descriptor that
-``scalelong.io.atomic_write`` writes to at ``/dev/full``, where every write(2) fails with ENOSPC,
+``scalelong.utils.io.atomic_write`` writes to at ``/dev/full``, where every write(2) fails with ENOSPC,
 so the error comes through whatever writes the file (Python, numpy, PIL, torch.save) as it
 would on a real full disk.
 """
@@ -27,8 +27,8 @@ import yaml
 from conftest import ROOT, compose, load_script
 from PIL import Image
 
-from scalelong.errors import DataError, OutputError
-from scalelong.io import atomic_write, write_text
+from scalelong.utils.errors import DataError, OutputError
+from scalelong.utils.io import atomic_write, write_text
 from scalelong.training.checkpoint_io import AtomicCheckpointIO
 
 NO_SPACE = "(No space left on device)"
@@ -52,7 +52,7 @@ def full_disk(monkeypatch):
     real_fdopen = os.fdopen
 
     def fdopen(fd, *args, **kwargs):
-        if names and sys._getframe(1).f_globals.get("__name__") == "scalelong.io":
+        if names and sys._getframe(1).f_globals.get("__name__") == "scalelong.utils.io":
             temporary = os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))  # ".<name>.<random>.tmp"
             if names[-1] is None or temporary[1:].rsplit(".", 2)[0] in names[-1]:
                 full = os.open("/dev/full", os.O_WRONLY)
@@ -326,7 +326,7 @@ def test_the_run_folder_check_names_an_unwritable_folder_even_as_root(tmp_path, 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    from scalelong.run import train
+    from scalelong.cli.train import train
 
     run = train(compose(["experiment=smoke", "logger=none", "train.max_steps=2"],
                         tmp_path_factory.mktemp("ckpt") / "run"))

@@ -7,7 +7,8 @@ import pytest
 import torch
 from conftest import compose
 
-from scalelong.run import train
+from scalelong.cli.train import train
+from scalelong.models import preset_config
 
 # method.md sections 4 and 5: preset, global batch, lr, betas, weight decay, warm-up, steps.
 PAPER = {
@@ -23,21 +24,22 @@ UNET = {"cifar10": "ddpm_cifar10", "celeba64": "ddpm_64", "imagenet64": "ddpm_64
 def test_dataset_alone_selects_the_paper_settings(dataset):
     cfg = compose([f"dataset={dataset}"])
     preset, batch, lr, betas, wd, warmup, steps = PAPER[dataset]
-    assert cfg["model"]["backbone"] == "uvit" and cfg["model"]["preset"] == preset
+    assert cfg["model"] == preset_config(preset, dataset)
     assert cfg["train"]["batch_size"] == batch and cfg["train"]["max_steps"] == steps
     o = cfg["optim"]
-    assert (o["lr"], o["betas"], o["weight_decay"], o["warmup_steps"]) == (lr, betas, wd, warmup)
+    assert (o["lr"], o["betas"], o["weight_decay"], cfg["train"]["warmup_steps"]) == (lr, betas, wd, warmup)
     assert cfg["ema"]["decay"] == 0.9999
     assert cfg["sample"]["every_n_steps"] == 5000 and cfg["checkpoint"]["keep_every_n_steps"] == 50_000
 
 
-@pytest.mark.parametrize("experiment", [f"paper_{d}_uvit" for d in PAPER] + [f"paper_{d}_unet" for d in UNET])
-def test_named_experiments(experiment):
-    _, dataset, backbone = experiment.split("_")
-    cfg = compose([f"experiment={experiment}"])
-    assert cfg["dataset"]["name"] == dataset and cfg["model"]["backbone"] == backbone
-    assert cfg["model"]["preset"] == (PAPER[dataset][0] if backbone == "uvit" else UNET[dataset])
+@pytest.mark.parametrize("dataset, backbone", [(d, "uvit") for d in PAPER] + [(d, "unet") for d in UNET])
+def test_the_paper_experiment_on_one_gpu(dataset, backbone):
+    """experiment=paper dataset=X model=Y: the data set's preset and recipe, one GPU, FID callback."""
+    cfg = compose(["experiment=paper", f"dataset={dataset}", f"model={backbone}"])
+    preset = PAPER[dataset][0] if backbone == "uvit" else UNET[dataset]
+    assert cfg["dataset"]["name"] == dataset and cfg["model"] == preset_config(preset, dataset)
     assert cfg["trainer"]["accelerator"] == "gpu" and cfg["trainer"]["precision"] == "bf16-mixed"
+    assert cfg["train"]["batch_size"] == PAPER[dataset][1] and "fid" in cfg["callbacks"]
 
 
 def test_the_paper_evaluation_protocol_is_recorded():
@@ -50,15 +52,15 @@ def test_the_paper_evaluation_protocol_is_recorded():
 
 
 def test_the_text_dataset_refuses_the_unet():
-    from scalelong.errors import ConfigError
-    from scalelong.training.module import DiffusionModule
+    from scalelong.utils.errors import ConfigError
+    from scalelong.cli.train import build_module
 
     with pytest.raises(ConfigError, match="only model=uvit takes text tokens"):
-        DiffusionModule(compose(["dataset=mscoco", "model=unet", "+model.preset=tiny"]))
+        build_module(compose(["dataset=mscoco", "model=unet"]))
 
 
 SHRINK = ["trainer=cpu", "experiment=smoke", "logger=none", "train.batch_size=4", "train.max_steps=2",
-          "model.preset=uvit_tiny", "train.num_workers=0"]
+          "model=uvit_tiny", "train.num_workers=0"]
 
 
 def _cifar10(root):
@@ -107,11 +109,11 @@ def test_each_preset_trains_a_few_steps_on_generated_files(tmp_path, dataset):
     if dataset == "mscoco":  # the empty prompt came from the data set, and guidance samples run
         assert torch.equal(module.empty_context, torch.full((77, 768), 0.5))
         contexts = torch.randn(2, 77, 768)
-        images = module.generate(2, "dpm_solver", 3, contexts=contexts, guidance_scale=1.0)
+        images = module.model.generate(2, "dpm_solver", 3, contexts=contexts, guidance_scale=1.0)
         assert images.shape == (2, 3, 32, 32) and images.dtype == torch.uint8
     if dataset == "imagenet64":  # a null class exists, so guided class samples run
         assert module.net.num_classes == 1001
-        images = module.generate(2, "euler_ode", 2, labels=torch.tensor([3, 7]), guidance_scale=0.5)
+        images = module.model.generate(2, "euler_ode", 2, labels=torch.tensor([3, 7]), guidance_scale=0.5)
         assert images.shape == (2, 3, 64, 64)
 
 
@@ -120,7 +122,7 @@ def test_unet_preset_trains_on_cifar10_files(tmp_path):
     data_root.mkdir()
     overrides = _cifar10(data_root)
     shrink = [o for o in SHRINK if not o.startswith("model.preset")]
-    result = train(compose([*overrides, *shrink, "model=unet", "model.preset=tiny", f"dataset.data_dir={data_root}"],
+    result = train(compose([*overrides, *shrink, "model=unet", "model=unet_tiny", f"dataset.data_dir={data_root}"],
                            tmp_path / "run"))
     assert result["trainer"].global_step == 2
 
@@ -138,6 +140,6 @@ def test_latent_samples_are_decoded_to_pixels_by_the_configured_autoencoder(tmp_
     cfg = compose(["dataset=mscoco", *SHRINK, f"dataset.data_dir={data_root}", f"dataset.decoder={tmp_path / 'vae'}"],
                   tmp_path / "run")
     result = train(cfg)
-    images = result["module"].generate(2, "dpm_solver", 3, contexts=torch.randn(2, 77, 768), guidance_scale=1.0)
+    images = result["module"].model.generate(2, "dpm_solver", 3, contexts=torch.randn(2, 77, 768), guidance_scale=1.0)
     assert images.shape == (2, 3, 256, 256) and images.dtype == torch.uint8
     assert (tmp_path / "run" / "samples" / "final.png").is_file()

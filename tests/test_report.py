@@ -1,11 +1,9 @@
-"""scripts/report.py on small synthetic run folders: table numbers, speed-ups, plots."""
+"""The report (scripts/report.py, scalelong-report) on small synthetic run folders: numbers, speed-ups, plots."""
 
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,12 +14,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def report():
-    spec = importlib.util.spec_from_file_location("scalelong_report", ROOT / "scripts" / "report.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    """The report's functions and the command's ``main`` (``scripts/report.py`` runs it)."""
+    from types import SimpleNamespace
+
+    from scalelong.analysis import report as analysis
+    from scalelong.cli.report import main
+
+    return SimpleNamespace(main=main, read_metrics=analysis.read_metrics, write_report=analysis.write_report)
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:

@@ -13,8 +13,8 @@ import pytest
 import torch
 from conftest import ROOT, compose
 
-from scalelong.errors import OutputError, TrainingDiverged
-from scalelong.run import train
+from scalelong.utils.errors import OutputError, TrainingDiverged
+from scalelong.cli.train import train
 from scalelong.training.module import DiffusionModule
 
 LONG = ["experiment=smoke", "logger=csv", "train.batch_size=16", "trainer.log_every_n_steps=1"]
@@ -116,7 +116,7 @@ def test_too_many_nonfinite_steps_stop_the_run_keeping_the_last_checkpoint(tmp_p
         return loss * float("nan") if int(batch["step"]) >= 4 else loss
 
     monkeypatch.setattr(DiffusionModule, "training_step", training_step)
-    cfg = compose([*LONG, "train.max_steps=50", "checkpoint.every_n_steps=2", "optim.max_nonfinite_in_row=3"],
+    cfg = compose([*LONG, "train.max_steps=50", "checkpoint.every_n_steps=2", "train.max_nonfinite_in_row=3"],
                   tmp_path)
     with pytest.raises(TrainingDiverged, match="3 steps in a row had a non-finite loss"):
         train(cfg)
@@ -128,7 +128,7 @@ def test_too_many_nonfinite_steps_stop_the_run_keeping_the_last_checkpoint(tmp_p
 def test_diverged_run_is_one_line_from_the_command_line(tmp_path):
     # lr 1e30 blows the weights up within a few steps; the guard stops the run with status 3.
     proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *LONG, "train.max_steps=200", "optim.lr=1e30",
-                           "optim.max_nonfinite_in_row=2", f"hydra.run.dir={tmp_path / 'run'}"],
+                           "train.max_nonfinite_in_row=2", f"hydra.run.dir={tmp_path / 'run'}"],
                           capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 3, proc.stderr[-2000:]
     assert "error: 2 steps in a row had a non-finite loss or gradient" in proc.stderr

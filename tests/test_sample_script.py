@@ -9,7 +9,7 @@ import pytest
 from conftest import ROOT, compose
 from PIL import Image
 
-from scalelong.run import train
+from scalelong.cli.train import train
 
 
 def load_script():

@@ -14,8 +14,8 @@ from torch import nn
 
 from scalelong.data import StepBatchSampler, build_dataset
 from scalelong.models import UNet, UViT
-from scalelong.run import train
-from scalelong.training.module import DiffusionModule
+from scalelong.cli.train import train
+from scalelong.cli.train import build_module
 from scalelong.training.stability import (
     ActivationNormRecorder,
     StabilityMonitor,
@@ -189,7 +189,7 @@ def read_metrics_csv(run_dir) -> dict[str, dict[int, float]]:
 def first_block_norm_at_step0(cfg) -> float:
     """features/in_00 of step 0 by hand: the initial net on the step-0 training input."""
     torch.manual_seed(cfg["seed"])
-    module = DiffusionModule(cfg)
+    module = build_module(cfg)
     data = build_dataset(cfg["dataset"])
     batch = int(cfg["train"]["batch_size"])
     images = data.images[StepBatchSampler(len(data), batch, cfg["seed"]).global_indices(0)]
@@ -255,7 +255,7 @@ def test_monitor_logs_every_measurement_to_metrics_csv(tmp_path, model, scaling)
 
 def test_probe_is_a_fixed_conditioned_training_batch(tmp_path):
     cfg = compose(["experiment=smoke", "model=uvit", "dataset.conditional=true"], tmp_path)
-    module = DiffusionModule(cfg)
+    module = build_module(cfg)
     data = build_dataset(cfg["dataset"])
     trainer = SimpleNamespace(datamodule=SimpleNamespace(data=data))
     monitor = StabilityMonitor(probe_size=5, probe_seed=3, robustness_relative_size=1e-2)

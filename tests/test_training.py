@@ -8,14 +8,14 @@ import warnings
 
 import pytest
 import torch
-from conftest import compose
+from conftest import CONF, compose
 
-from scalelong.data import LOADERS
-from scalelong.ema import EMA
-from scalelong.errors import ConfigError
-from scalelong.models import BACKBONES
-from scalelong.run import train
+from scalelong.training.ema import EMA
+from scalelong.utils.errors import ConfigError
+from scalelong.cli.train import train
 from scalelong.scaling import STRATEGIES
+from scalelong.cli.train import build_module
+from scalelong.model import DiffusionModel
 from scalelong.training.module import DiffusionModule, warmup_constant
 
 SCALING_OVERRIDES = {name: [f"scaling={name}"] for name in STRATEGIES}
@@ -26,30 +26,35 @@ def smoke(run_dir, *extra):
     return compose(["experiment=smoke", "logger=none", *extra], run_dir)
 
 
-@pytest.mark.parametrize("dataset, model, scaling", list(itertools.product(LOADERS, BACKBONES, STRATEGIES)))
+DATASETS = sorted(p.stem for p in (CONF / "dataset").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("dataset, model, scaling", list(itertools.product(DATASETS, ["uvit", "unet"], STRATEGIES)))
 def test_every_combination_composes_and_instantiates(tmp_path, dataset, model, scaling):
     cfg = compose([f"dataset={dataset}", f"model={model}", *SCALING_OVERRIDES[scaling]], tmp_path)
-    assert cfg["model"]["backbone"] == model and cfg["scaling"]["name"] == scaling
+    assert cfg["model"]["_target_"] == {"uvit": "scalelong.models.UViT", "unet": "scalelong.models.UNet"}[model]
+    assert cfg["scaling"]["name"] == scaling
     if dataset == "mscoco" and model == "unet":
         with pytest.raises(ConfigError, match="only model=uvit takes text tokens"):
-            DiffusionModule(cfg)
+            build_module(cfg)
         return
     # Full-size presets are built on the meta device (shapes only); the digits models also run.
     with torch.device("cpu" if dataset == "digits" else "meta"):
-        module = DiffusionModule(cfg)
+        module = build_module(cfg)
     assert module.net.skip_scaling.name == scaling
     assert module.net.skip_scaling.num_skips == module.net.num_skips > 0
     if dataset == "digits":
-        c, h, w = module.image_shape
+        c, h, w = module.space.image_shape
         out = module.net(torch.zeros(2, c, h, w), torch.tensor([1.0, 500.0]))
         assert out.shape == (2, c, h, w)
 
 
 def test_quickstart_defaults():
     cfg = compose([])
-    assert cfg["dataset"]["name"] == "digits" and cfg["model"]["backbone"] == "unet"
-    assert cfg["model"]["preset"] == "tiny" and cfg["trainer"]["accelerator"] == "cpu"
-    assert compose(["model=uvit"])["model"]["preset"] == "uvit_tiny"
+    assert cfg["dataset"]["name"] == "digits" and cfg["model"]["_target_"] == "scalelong.models.UNet"
+    assert cfg["model"]["base_channels"] == 32 and cfg["trainer"]["accelerator"] == "cpu"
+    uvit = compose(["model=uvit"])["model"]
+    assert uvit["_target_"] == "scalelong.models.UViT" and uvit["embed_dim"] == 128  # the uvit_tiny preset
 
 
 def test_warmup_schedule_values():
@@ -76,8 +81,8 @@ def test_the_trainer_updates_the_ema_once_per_step_and_warms_the_lr_up(tmp_path,
             seen["weights"].append([p.detach().clone() for p in self.net.parameters()])
             seen["ema"].append([p.detach().clone() for p in self.ema.module.parameters()])
 
-    monkeypatch.setattr("scalelong.run.DiffusionModule", Recording)
-    cfg = smoke(tmp_path, "train.max_steps=6", "optim.warmup_steps=3", "ema.decay=0.5", "optim.lr=1e-3")
+    monkeypatch.setattr("scalelong.training.module.DiffusionModule", Recording)
+    cfg = smoke(tmp_path, "train.max_steps=6", "train.warmup_steps=3", "ema.decay=0.5", "optim.lr=1e-3")
     train(cfg)
     assert seen["lr"] == pytest.approx([0.0, 1e-3 / 3, 2e-3 / 3, 1e-3, 1e-3, 1e-3])
     ema = seen["ema0"]
@@ -120,12 +125,12 @@ def test_the_ema_copy_in_eval_mode_is_not_reported_as_a_problem(tmp_path, monkey
     assert not [w for w in seen if "in eval mode" in str(w.message)]
 
     class FrozenNet(DiffusionModule):
-        def __init__(self, config):
-            super().__init__(config)
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
             self.net.eval()
             self.net.train = lambda mode=True: self.net  # stays in eval mode through fit
 
-    monkeypatch.setattr("scalelong.run.DiffusionModule", FrozenNet)
+    monkeypatch.setattr("scalelong.training.module.DiffusionModule", FrozenNet)
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         train(smoke(tmp_path / "frozen"))
@@ -148,7 +153,7 @@ def test_a_few_steps_make_the_loss_fall(tmp_path, model):
     cfg = smoke(tmp_path, f"model={model}", "scaling=learnable", "train.max_steps=30", "train.batch_size=32",
                 "optim.lr=2e-3")
     torch.manual_seed(cfg["seed"])
-    before_module = DiffusionModule(cfg)
+    before_module = build_module(cfg)
     from scalelong.data import build_dataset
     images = build_dataset(cfg["dataset"]).images[:256]
     before = _fixed_loss(before_module, images)
@@ -170,7 +175,7 @@ def _state(module: DiffusionModule, trainer) -> dict[str, torch.Tensor]:
 
 def test_resume_continues_exactly(tmp_path):
     # The tiny UNet has dropout 0.1: its masks must repeat after a resume too.
-    common = ["scaling=learnable", "train.batch_size=16", "optim.warmup_steps=4", "checkpoint.every_n_steps=3"]
+    common = ["scaling=learnable", "train.batch_size=16", "train.warmup_steps=4", "checkpoint.every_n_steps=3"]
     full = train(smoke(tmp_path / "full", *common, "train.max_steps=6"))
     half = train(smoke(tmp_path / "half", *common, "train.max_steps=3"))
     ckpt = torch.load(half["checkpoint"], weights_only=False)
@@ -191,23 +196,25 @@ def cfg_lr(tmp_path):
 
 def test_checkpoint_restores_model_ema_and_optimizer(tmp_path):
     run = train(smoke(tmp_path, "scaling=constant", "scaling.kappa=0.6", "train.max_steps=3"))
-    ckpt = torch.load(run["checkpoint"], weights_only=False)
-    restored = DiffusionModule.load_from_checkpoint(run["checkpoint"])
-    for (k, v), (k2, v2) in zip(run["module"].state_dict().items(), restored.state_dict().items()):
-        assert k == k2 and torch.equal(v, v2), k
+    ckpt = torch.load(run["checkpoint"], weights_only=True)
+    restored = DiffusionModel.from_checkpoint(run["checkpoint"])
+    for name, trained, loaded in [("net", run["module"].net, restored.net), ("ema", run["module"].ema.module,
+                                                                             restored.ema_net)]:
+        for (k, v), (k2, v2) in zip(trained.state_dict().items(), loaded.state_dict().items()):
+            assert k == k2 and torch.equal(v, v2), f"{name}.{k}"
     assert "ema.module.stem.weight" in ckpt["state_dict"]
     assert len(ckpt["optimizer_states"][0]["state"]) == len(list(run["module"].net.parameters()))
-    assert restored.net.skip_scaling.kappa == 0.6
+    assert restored.net.skip_scaling.kappa == 0.6 and restored.step == 3
 
 
 def test_compiled_backbone_matches_eager():
     """model.compile=true compiles the backbone in place: same outputs, same parameter names."""
     cfg = compose(["model=uvit", "scaling=learnable", "model.compile=true",
-                   "+model.options.depth=2", "+model.options.embed_dim=32", "+model.options.num_heads=2"])
+                   "model.depth=2", "model.embed_dim=32", "model.num_heads=2"])
     torch.manual_seed(0)
-    compiled = DiffusionModule(cfg)
-    eager = DiffusionModule(compose(["model=uvit", "scaling=learnable",
-                                     "+model.options.depth=2", "+model.options.embed_dim=32", "+model.options.num_heads=2"]))
+    compiled = build_module(cfg)
+    eager = build_module(compose(["model=uvit", "scaling=learnable",
+                                     "model.depth=2", "model.embed_dim=32", "model.num_heads=2"]))
     eager.load_state_dict(compiled.state_dict())
     x, t = torch.randn(3, 1, 16, 16), torch.tensor([10.0, 400.0, 990.0])
     with torch.no_grad():

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from scalelong.models import UViT, convert_official_uvit_state_dict, uvit_from_preset
+from scalelong.models import UViT, convert_official_uvit_state_dict, from_preset
 from scalelong.scaling import STRATEGIES, TokenGate
 
 FIXTURE = Path(__file__).parent / "fixtures" / "official_uvit.pt"
@@ -20,7 +20,7 @@ SPECS = {
 
 def tiny(scaling="none", **kw):
     torch.manual_seed(0)
-    return uvit_from_preset("uvit_tiny", scaling=scaling, **kw)
+    return from_preset("uvit_tiny", scaling=scaling, **kw)
 
 
 def inputs(batch=3, chans=1, size=16):
@@ -31,7 +31,7 @@ def inputs(batch=3, chans=1, size=16):
 @pytest.fixture(scope="module")
 def uvit_s2_learnable():
     torch.manual_seed(0)
-    return uvit_from_preset("uvit_s2_32", scaling="learnable")
+    return from_preset("uvit_s2_32", scaling="learnable")
 
 
 def test_uvit_s2_parameter_count(uvit_s2_learnable):
@@ -43,12 +43,12 @@ def test_uvit_s2_parameter_count(uvit_s2_learnable):
 
 
 def test_uvit_s2_constant_reports_the_paper_coefficients():
-    model = uvit_from_preset("uvit_s2_32", scaling={"name": "constant", "kappa": 0.5})
+    model = from_preset("uvit_s2_32", scaling={"name": "constant", "kappa": 0.5})
     assert [c.mean for c in model.skip_scaling.coefficients()] == [1, 0.5, 0.25, 0.125, 0.0625, 0.03125]
 
 
 def test_uvit_s2_nonshared_has_six_gates():
-    model = uvit_from_preset("uvit_s2_32", scaling="learnable_nonshared")
+    model = from_preset("uvit_s2_32", scaling="learnable_nonshared")
     assert sum(p.numel() for p in model.skip_scaling.parameters()) == 6 * 8497
 
 
@@ -155,7 +155,7 @@ def test_tiny_learnable_uses_the_official_token_gate():
 
 def test_class_and_text_tokens():
     torch.manual_seed(0)
-    cond = uvit_from_preset("uvit_tiny", num_classes=10, scaling="learnable")
+    cond = from_preset("uvit_tiny", num_classes=10, scaling="learnable")
     x, t = inputs(2)
     with torch.no_grad():
         a, b = cond(x, t, torch.tensor([0, 1])), cond(x, t, torch.tensor([2, 3]))
@@ -176,5 +176,5 @@ def test_bad_inputs_are_clear_errors():
             tiny({"name": "constant", "kappa": kappa})
     with pytest.raises(ValueError, match="not divisible by patch_size"):
         UViT(img_size=30, patch_size=4)
-    with pytest.raises(ValueError, match="valid presets"):
-        uvit_from_preset("uvit_xl")
+    with pytest.raises(ValueError, match="unknown model=uvit_xl; valid choices: .*uvit_s2_32"):
+        from_preset("uvit_xl", dataset="cifar10")

@@ -1,18 +1,30 @@
-"""Checks on a resolved run configuration that need no Lightning import, so that bad input is
-reported in a second, before anything is built or written."""
+"""The configuration: where ``conf/`` is, the resolvers its YAML files use, composing it from
+Python (tests, scripts, notebooks), and the checks on a composed run that need no Lightning."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
-from scalelong.data.sampler import check_global_batch
-from scalelong.errors import ConfigError
-from scalelong.scaling import build_skip_scaling
+from scalelong.utils.errors import ConfigError
+
+CONF_ENV = "SCALELONG_CONF"
+
+
+def conf_dir() -> Path:
+    """The configuration folder: ``$SCALELONG_CONF``, else the checkout's ``conf/``."""
+    path = Path(os.environ.get(CONF_ENV) or Path(__file__).resolve().parents[2] / "conf")
+    if not (path / "train.yaml").is_file():
+        raise ConfigError(f"no configuration at {path} (train.yaml missing); run from a checkout of scalelong "
+                          f"(pip install -e .) or point ${CONF_ENV} at its conf/ folder")
+    return path
+
+
+# --- resolvers --------------------------------------------------------------------------------
 
 
 def _run_folder(resume: str | None, new_folder: str) -> str:
@@ -20,8 +32,62 @@ def _run_folder(resume: str | None, new_folder: str) -> str:
     return str(resume) if resume else new_folder
 
 
-if not OmegaConf.has_resolver("run_folder"):
-    OmegaConf.register_new_resolver("run_folder", _run_folder)
+def _label_classes(dataset: Mapping[str, Any]) -> int:
+    """A network's label embeddings for a data set: -1 unconditional, else its classes plus the
+    null class when labels are dropped for classifier-free guidance."""
+    if not dataset.get("conditional"):
+        return -1
+    return int(dataset["num_classes"]) + (1 if float(dataset.get("label_drop_prob") or 0) > 0 else 0)
+
+
+def _precision_for(accelerator: str, gpu_precision: str) -> str:
+    """A trainer's precision when the user sets none: full precision on the CPU."""
+    return "32-true" if str(accelerator) == "cpu" else str(gpu_precision)
+
+
+for _name, _fn in (("run_folder", _run_folder), ("label_classes", _label_classes),
+                   ("precision_for", _precision_for)):
+    if not OmegaConf.has_resolver(_name):
+        OmegaConf.register_new_resolver(_name, _fn)
+
+
+# --- composing from Python ----------------------------------------------------------------------
+
+
+def compose(overrides: Sequence[str] = (), run_dir: str | Path = ".", config_name: str = "train") -> DictConfig:
+    """The configuration ``python train.py <overrides>`` would run with (``run_dir`` stands in for
+    Hydra's output folder)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from hydra.errors import MissingConfigException
+
+    overrides = [*overrides, f"run_dir={run_dir}"]
+    try:
+        if GlobalHydra.instance().is_initialized():  # inside a Hydra app already
+            return hydra_compose(config_name=config_name, overrides=overrides)
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+            return hydra_compose(config_name=config_name, overrides=overrides)
+    except MissingConfigException as err:
+        raise ConfigError(unknown_option_message(err)) from None
+
+
+def unknown_option_message(err: Exception) -> str:
+    """One line for Hydra's "Could not find 'scaling/lernable'": the valid choices, and a close one."""
+    import difflib
+    import re
+
+    text = str(err)
+    found = re.search(r"Could not (?:find|load) '([^']+)'", text)
+    options = re.findall(r"^\t(\S+)$", text, flags=re.M)
+    if not found:
+        return text.strip().splitlines()[0]
+    group, _, option = found.group(1).rpartition("/")
+    guess = difflib.get_close_matches(option, options, n=1)
+    hint = f"; did you mean {group}={guess[0]}?" if guess else ""
+    choices = f"; valid choices: {', '.join(options)}" if options else ""
+    return f"unknown {group}={option}{choices}{hint}" if group else f"unknown config {option!r}{choices}{hint}"
 
 
 def to_plain(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
@@ -31,7 +97,12 @@ def to_plain(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     return dict(cfg)
 
 
+# --- checks on a composed run ------------------------------------------------------------------
+
+
 def world_size(trainer_cfg: Mapping[str, Any]) -> int:
+    import torch
+
     devices = trainer_cfg.get("devices", 1)
     if devices in (-1, "auto", "-1"):
         accel = trainer_cfg.get("accelerator", "auto")
@@ -41,15 +112,7 @@ def world_size(trainer_cfg: Mapping[str, Any]) -> int:
     return int(devices) * int(trainer_cfg.get("num_nodes", 1))
 
 
-def validate(config: Mapping[str, Any]) -> None:
-    """Checks that fail fast with one readable line, before anything is built or written."""
-    build_skip_scaling(config["scaling"])
-    check_global_batch(int(config["train"]["batch_size"]), world_size(config["trainer"]))
-    if int(config["train"]["max_steps"]) < 1:
-        raise ConfigError(f"train.max_steps must be at least 1, got {config['train']['max_steps']}")
-
-
-def resolve_resume(config: dict[str, Any]) -> str | None:
+def resolve_resume(config: Mapping[str, Any]) -> str | None:
     """The checkpoint to continue from: ``ckpt_path``, or ``<resume>/checkpoints/last.ckpt``."""
     if config.get("ckpt_path") and config.get("resume"):
         raise ConfigError("give either ckpt_path or resume, not both")
@@ -68,5 +131,3 @@ def resolve_resume(config: dict[str, Any]) -> str | None:
     if config.get("auto_resume", True) and config.get("run_dir") and last.is_file():
         return str(last)
     return None
-
-

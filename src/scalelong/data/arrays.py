@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from scalelong.errors import DataError, OutputError
-from scalelong.io import atomic_write, write_error_message
+from scalelong.utils.errors import DataError, OutputError
+from scalelong.utils.io import atomic_write, write_error_message
 
 
 class NpyStream:

@@ -1,15 +1,5 @@
-"""CelebA 64x64 (unconditional): U-ViT's crop of the aligned faces, prepared once into a ``.npy``.
-
-Source layout (torchvision's): ``data_dir/celeba/img_align_celeba/000001.jpg`` ... (178 x 218
-aligned images) and ``data_dir/celeba/list_eval_partition.txt`` (lines ``000001.jpg 0``;
-0 train, 1 valid, 2 test). ``scripts/prepare_celeba64.py`` crops and resizes the split once into
-``data_dir/celeba64_train.npy``, uint8 (162770, 3, 64, 64); the loader memory-maps that file.
-
-Preprocessing (as U-ViT's ``datasets.CelebA``): the 128 x 128 box centred at x 89, y 121 of the
-aligned image, i.e. PIL box (left 25, top 57, right 153, bottom 185), then a resize to 64 x 64
-with PIL's antialiased bilinear filter, which is what U-ViT's ``transforms.Resize(64)`` does to a
-PIL image (torchvision's default interpolation). Flips happen at training time, not here.
-"""
+"""CelebA 64x64 (unconditional): U-ViT's 128x128 crop at (x 89, y 121) of the aligned faces,
+resized to 64 and prepared once into a memory-mapped ``.npy`` (``docs/design.md``, "CelebA 64")."""
 
 from __future__ import annotations
 
@@ -22,7 +12,7 @@ from PIL import Image
 
 from scalelong.data.arrays import data_dir_of, default_workers, map_ordered, open_image_array, write_images_npy
 from scalelong.data.images import InMemoryImages
-from scalelong.errors import DataError
+from scalelong.utils.errors import DataError
 
 ALIGNED_SIZE = (178, 218)  # (width, height) of every img_align_celeba image
 CROP_CENTER = (89, 121)  # (x, y), U-ViT's choice

@@ -26,8 +26,8 @@ import torch
 
 from scalelong.data.arrays import data_dir_of
 from scalelong.data.images import InMemoryImages
-from scalelong.errors import DataError
-from scalelong.io import atomic_write
+from scalelong.utils.errors import DataError
+from scalelong.utils.io import atomic_write
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"

@@ -1,18 +1,6 @@
-"""MS-COCO 256x256 text-to-image in the Stable Diffusion latent space, U-ViT's feature layout.
-
-Layout (U-ViT's ``coco256_features``; ``data_dir`` points at it)::
-
-    data_dir/empty_context.npy      (77, 768) float32, CLIP ViT-L/14 last hidden states of ""
-    data_dir/train/{i}.npy          (8, 32, 32) float32, autoencoder moments of image i
-                                    (channels 0-3 the mean, 4-7 the log-variance)
-    data_dir/train/{i}_{k}.npy      (77, 768) float32, CLIP hidden states of caption k of image i
-    data_dir/val/...                the same for val2014
-
-Image i is the i-th image of the captions file sorted by COCO image id (82,783 in train2014,
-40,504 in val2014); its captions keep the annotation file's order (as pycocotools returns them).
-Made by ``scripts/prepare_coco_features.py`` (``prepare_coco_split`` here). A caption file is
-236 KB, about 100 GB for the 414k training captions: batches are read from disk, not held in memory.
-"""
+"""MS-COCO 256 text-to-image in Stable Diffusion latent space, U-ViT's ``coco256_features`` layout
+(autoencoder moments per image, CLIP contexts per caption), read from disk a batch at a time,
+and making those features. Layout: ``docs/design.md``, "MS-COCO features"."""
 
 from __future__ import annotations
 
@@ -31,17 +19,16 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from scalelong.data.arrays import data_dir_of
-from scalelong.data.sampler import BatchRequest, step_seed
-from scalelong.errors import DataError
-from scalelong.io import atomic_write
+from scalelong.data.sampler import BatchRequest
+from scalelong.utils.seeding import STREAM_CAPTION, STREAM_EVAL_CAPTION, step_seed
+from scalelong.utils.errors import DataError
+from scalelong.utils.io import atomic_write
 
 LATENT_SCALE = 0.23010  # U-ViT's scale for these latents (configs/mscoco_uvit_small.py)
 MOMENTS_SHAPE = (8, 32, 32)
 LATENT_SHAPE = (4, 32, 32)
 CONTEXT_SHAPE = (77, 768)
 IMAGE_SIZE = 256
-_STREAM_CAPTION = 16  # generator stream of the caption choice (the training module uses 1-3)
-_STREAM_EVAL_CAPTION = 17  # the captions that condition evaluation samples
 _NAME = re.compile(r"^(\d+)(?:_(\d+))?\.npy$")
 _COCO_SITE = "https://cocodataset.org/#download"
 
@@ -72,7 +59,7 @@ def sample_latents(moments: Tensor, generator: torch.Generator | None = None, sc
 
 def caption_index(seed: int, step: int, index: int, num_captions: int) -> int:
     """Which caption of item ``index`` batch ``step`` uses: a fixed function of (seed, step, index)."""
-    return step_seed(step_seed(seed, step, _STREAM_CAPTION), index) % num_captions
+    return step_seed(step_seed(seed, step, STREAM_CAPTION), index) % num_captions
 
 
 # --- the data set ----------------------------------------------------------------------------------
@@ -199,12 +186,12 @@ class CocoLatentFeatures(Dataset):
         """
         n = len(self)
         if self._eval_order is None or self._eval_order_seed != seed:
-            g = torch.Generator().manual_seed(step_seed(seed, 0, _STREAM_EVAL_CAPTION))
+            g = torch.Generator().manual_seed(step_seed(seed, 0, STREAM_EVAL_CAPTION))
             self._eval_order, self._eval_order_seed = torch.randperm(n, generator=g).tolist(), seed
         out = []
         for i in torch.as_tensor(sample_indices).tolist():
             item = self._eval_order[i % n]
-            k = step_seed(step_seed(seed, i, _STREAM_EVAL_CAPTION), item) % int(self.num_captions[item])
+            k = step_seed(step_seed(seed, i, STREAM_EVAL_CAPTION), item) % int(self.num_captions[item])
             out.append(_load_feature(self.folder / f"{item}_{k}.npy", CONTEXT_SHAPE))
         return torch.from_numpy(np.stack(out))
 

@@ -6,16 +6,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
 from scalelong.data.images import InMemoryImages
 
 
-def load_digits_images(size: int = 16) -> InMemoryImages:
-    from sklearn.datasets import load_digits
+def load_digits(cfg: Mapping[str, Any]) -> InMemoryImages:
+    """The ``digits`` data set at ``cfg["image_size"]`` (default 16)."""
+    return load_digits_images(size=int(cfg.get("image_size", 16)))
 
-    digits = load_digits()
+
+def load_digits_images(size: int = 16) -> InMemoryImages:
+    from sklearn import datasets
+
+    digits = datasets.load_digits()
     images = torch.as_tensor(digits.images, dtype=torch.float32)[:, None] / 16.0  # (N, 1, 8, 8) in [0, 1]
     if size != 8:
         images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)

@@ -1,21 +1,6 @@
-"""ImageNet 64x64 (class-conditional, 1000 classes), prepared once into memory-mapped ``.npy`` files.
-
-Two sources, each converted by ``scripts/prepare_imagenet64.py`` into
-``data_dir/imagenet64_<source>_images.npy`` uint8 (N, 3, 64, 64) and
-``data_dir/imagenet64_<source>_labels.npy`` int16 (N,) in 0..999:
-
-- ``npz``: the Downsampled ImageNet 64x64 of Chrabaszcz, Loshchilov & Hutter (2017),
-  ``train_data_batch_1.npz`` ... ``train_data_batch_10.npz`` (1,281,167 images together). Each
-  holds ``data`` uint8 (n, 12288), a row being three 64 x 64 planes (red, green, blue), each row
-  by row, and ``labels`` in 1..1000. Their labels follow the ILSVRC2012 devkit order
-  (``map_clsloc.txt``: n02119789 is 1), not the sorted-wnid order; stored 0-based.
-- ``folder``: the raw training set ``train/<wnid>/*.JPEG`` as U-ViT (and ADM) read it: classes
-  numbered by sorted wnid, images by sorted file name, ADM's centre crop (box-halve while the
-  short side is >= 128, bicubic resize of the short side to 64, centre crop 64 x 64). This is
-  what U-ViT's ImageNet 64 config trains on.
-
-1.28M x 12288 bytes is 15.7 GB: the loader memory-maps the file instead of reading it.
-"""
+"""ImageNet 64x64 (class-conditional), prepared once from the Downsampled ImageNet npz batches or
+the raw training folder (ADM's crop) into memory-mapped ``.npy`` files. Formats: ``docs/design.md``,
+"ImageNet 64"."""
 
 from __future__ import annotations
 
@@ -32,8 +17,8 @@ from PIL import Image
 from scalelong.data.arrays import (data_dir_of, default_workers, load_label_array, map_ordered, open_image_array,
                                    write_images_npy, write_npy_stream)
 from scalelong.data.images import InMemoryImages
-from scalelong.errors import ConfigError, DataError
-from scalelong.io import atomic_write, write_text
+from scalelong.utils.errors import ConfigError, DataError
+from scalelong.utils.io import atomic_write, write_text
 
 SOURCES = ("npz", "folder")
 NPZ_BATCHES = tuple(f"train_data_batch_{i}.npz" for i in range(1, 11))

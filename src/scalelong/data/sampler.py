@@ -1,13 +1,6 @@
-"""Batches keyed by the global optimizer step.
-
-Batch ``s`` of a run is a fixed function of (seed, s): the epoch ``s // steps_per_epoch`` selects
-a permutation of the data set, and the step selects a slice of it. Each rank takes its own
-contiguous part of that global batch. Two consequences the project relies on:
-
-- resuming at step s continues with exactly the batches an uninterrupted run would have seen;
-- the union of the ranks' batches is the batch one process would use, so DDP over W processes
-  trains on the same data as one process with the same global batch.
-"""
+"""Batches keyed by the global optimizer step: batch s is a fixed function of (seed, s), each rank
+taking its part, so resumed and multi-process runs see the batches one uninterrupted process
+would (``docs/design.md``, "Step-keyed batches")."""
 
 from __future__ import annotations
 
@@ -16,16 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
-from scalelong.errors import ConfigError
-
-
-def step_seed(seed: int, step: int, stream: int = 0) -> int:
-    """A 63-bit seed for (seed, step, stream); distinct streams give unrelated generators."""
-    x = (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + stream * 0x94D049BB133111EB) & (2**64 - 1)
-    # splitmix64 finaliser, so nearby inputs give unrelated seeds
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & (2**64 - 1)
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & (2**64 - 1)
-    return (x ^ (x >> 31)) & (2**63 - 1)
+from scalelong.utils.errors import ConfigError
+from scalelong.utils.seeding import STREAM_EPOCH, step_seed
 
 
 @dataclass(frozen=True)
@@ -80,7 +65,7 @@ class StepBatchSampler:
 
     def _permutation(self, epoch: int) -> torch.Tensor:
         if self._cached_epoch != epoch:  # one permutation per epoch, not per step
-            g = torch.Generator().manual_seed(step_seed(self.seed, epoch, stream=1))
+            g = torch.Generator().manual_seed(step_seed(self.seed, epoch, STREAM_EPOCH))
             self._cached_perm, self._cached_epoch = torch.randperm(self.num_items, generator=g), epoch
         return self._cached_perm
 

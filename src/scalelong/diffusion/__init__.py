@@ -18,7 +18,9 @@ from .samplers import (
     register_sampler,
     sample,
 )
-from .sde import (
+from .guidance import NoisePredictor
+from .loss import noise_prediction_loss
+from .schedules import (
     SDES,
     TIME_INPUT_SCALE,
     TRAIN_T_EPS,
@@ -26,10 +28,8 @@ from .sde import (
     DiscreteVPSchedule,
     EpsFn,
     LinearVPSDE,
-    NoisePredictor,
     VPSchedule,
     get_sde,
-    noise_prediction_loss,
     register_sde,
 )
 

@@ -1,37 +1,6 @@
-"""Samplers for epsilon-prediction VP diffusion models.
-
-Every sampler has the signature
-
-    sampler(eps_fn, sde, x_T, steps, *, t_end=..., generator=None, progress=False) -> x_0
-
-with ``eps_fn(x, t) -> eps`` (x (B, ...), t (B,) continuous time in [0, sde.T]; e.g. a
-``NoisePredictor``), ``x_T`` the initial noise (B, ...) and ``steps`` the number of network
-evaluations (NFE). They run under ``torch.no_grad()`` and return a tensor shaped like ``x_T``.
-
-Registered samplers and their time grids (``T = sde.T``: 1 for the linear schedule):
-
-* ``euler_maruyama``: Euler-Maruyama on the reverse SDE. The official U-ViT grid:
-  ``steps`` points uniform in [t_end, T] (t_end = 1e-3) followed by a last step to t = 0 that
-  returns the mean without noise. The official FID-50k protocol uses 1000 steps.
-* ``euler_ode``: Euler on the probability-flow ODE, same grid (official sample grids: 50 steps).
-* ``dpm_solver``: DPM-Solver-fast (Lu et al. 2022, "DPM-Solver", Sec. 3.4 / App. D), the
-  variant the official U-ViT evaluates with: singlestep DPM-Solver-3 steps (r1 = 1/3, r2 = 2/3)
-  with a final DPM-Solver-2 (r1 = 1/2) and/or DPM-Solver-1 step so that the NFE is exactly
-  ``steps``; K = steps // 3 + 1 intervals uniform in lambda = log(alpha / sigma) from T to t_end.
-  Noise-prediction mode, no final denoising step. t_end defaults to 1e-4 for steps > 15 and
-  1e-3 otherwise (DPM-Solver's recommendation; U-ViT uses 1e-4 at 50 steps).
-* ``dpm_solver_pp``: multistep second-order DPM-Solver++(2M) (Lu et al. 2022b, Alg. 2), data
-  prediction built from the eps model, ``steps`` intervals uniform in lambda, first step first
-  order; better behaved than DPM-Solver under strong classifier-free guidance. Same t_end rule.
-* ``dpm_solver_pp_fast``: U-ViT's text-to-image sampler (MS-COCO): singlestep DPM-Solver++ in
-  data-prediction mode with DPM-Solver-fast's orders (3, ..., 3 and a 2 and/or 1 at the end) on
-  ``steps + 1`` times uniform in t; a step of order k spans k grid intervals and takes its
-  intermediate times from the grid. t_end defaults to the schedule's ``t_min`` when it has one
-  (1/N for a discrete schedule, as U-ViT), else the DPM-Solver rule.
-
-A schedule defined on [t_min, T] (a discrete one) keeps every sampler inside that range: the
-Euler samplers' final noiseless step goes to t_min instead of 0.
-"""
+"""Samplers of epsilon-prediction VP models, all ``sampler(eps_fn, sde, x_T, steps, ...) -> x_0``:
+Euler-Maruyama and Euler ODE (U-ViT's grids), DPM-Solver-fast, DPM-Solver++(2M) and U-ViT's
+text-to-image DPM-Solver++. Grids and orders of each: ``docs/design.md``, "Samplers"."""
 
 from __future__ import annotations
 
@@ -42,7 +11,7 @@ from typing import Any, Callable, Protocol
 import torch
 from torch import Tensor
 
-from .sde import EpsFn, VPSchedule
+from .schedules import EpsFn, VPSchedule
 
 __all__ = [
     "SAMPLERS",

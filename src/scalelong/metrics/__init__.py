@@ -2,12 +2,11 @@
 features of in-memory images with distributed float64 statistics, reference statistics, and the
 evaluation of a model's samples.
 
-    from scalelong.metrics import load_inception, load_reference, evaluate_module, quick_kid_fid
-
-    quick_kid_fid(module, build_dataset(config["dataset"]), num=200)   # CPU-sized KID and FID
+    from scalelong.metrics import FIDEvaluator
+    result = FIDEvaluator(model)(num=10_000, sampler="dpm_solver", steps=50)
 """
 
-from scalelong.metrics.evaluation import compare, evaluate_module, quick_kid_fid, sample_feature_stats
+from scalelong.metrics.evaluation import FIDEvaluator, compare, evaluate_module, quick_kid_fid, sample_feature_stats
 from scalelong.metrics.features import FeatureStats, extract_features, feature_stats, preprocess, to_rgb_uint8
 from scalelong.metrics.frechet import KID, frechet_distance, kernel_inception_distance, mean_and_cov, mmd2_unbiased
 from scalelong.metrics.inception import (
@@ -32,7 +31,7 @@ from scalelong.metrics.reference import (
 from scalelong.metrics.sampling import generate_shard, shard
 
 __all__ = [
-    "DEFAULT_1_SHA1", "KID", "MODES", "FeatureStats", "InceptionFeatures", "InceptionWeights", "ReferenceStats",
+    "DEFAULT_1_SHA1", "FIDEvaluator", "KID", "MODES", "FeatureStats", "InceptionFeatures", "InceptionWeights", "ReferenceStats",
     "cache_dir", "compare", "compute_reference", "convert_published", "default_reference_path", "evaluate_module",
     "extract_features", "feature_stats", "frechet_distance", "generate_shard", "kernel_inception_distance",
     "load_inception", "load_reference", "make_reference_stats", "mean_and_cov", "mmd2_unbiased", "preprocess",

@@ -1,12 +1,12 @@
-"""FID and KID of a diffusion model's samples against reference statistics, over any number of ranks.
+"""FID and KID of a model's samples, over any number of ranks: ``FIDEvaluator`` prepares what the
+data set's protocol needs once (Inception, reference statistics, captions and latent decoder) and
+evaluates; ``scripts/evaluate.py`` and the in-training ``FIDCallback`` both use it.
 
-    extractor = load_inception("clean", device=module.device)
-    ref = load_reference(default_reference_path("cifar10", "clean", "train", 32))
-    result = evaluate_module(module, ref, extractor, num=50_000, sampler="euler_maruyama", steps=1000)
+    evaluate = FIDEvaluator(DiffusionModel.from_checkpoint(path), mode="clean")
+    result = evaluate(num=50_000, sampler="euler_maruyama", steps=1000)
 
-Each rank draws its share of the samples (see ``scalelong.metrics.sampling``), turns them into
-features and float64 sums, and the sums are added over ranks; rank 0 computes FID and KID and
-every rank gets the same result.
+Each rank draws its share of the samples, turns them into features and float64 sums, and the sums
+are added over ranks; rank 0 computes FID and KID and every rank gets the same result.
 """
 
 from __future__ import annotations
@@ -19,12 +19,17 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from scalelong.errors import DataError
-from scalelong.metrics.distributed import broadcast_object, rank_and_world
+from pathlib import Path
+
 from scalelong.metrics.features import FeatureStats, feature_device, iter_features, to_rgb_uint8
 from scalelong.metrics.frechet import frechet_distance, kernel_inception_distance
-from scalelong.metrics.reference import ReferenceStats, check_compatible
+from scalelong.metrics import inception
+from scalelong.metrics.inception import check_mode
+from scalelong.metrics.reference import (ReferenceStats, check_compatible, default_reference_path, load_reference,
+                                        make_reference_stats, reference_resolution)
 from scalelong.metrics.sampling import Contexts, generate_shard
+from scalelong.utils.distributed import broadcast_object, rank_and_world, rank_zero_first
+from scalelong.utils.errors import ConfigError, DataError
 
 OnChunk = Callable[[Tensor, Tensor], None]
 
@@ -98,7 +103,118 @@ def evaluate_module(module: Any, ref: ReferenceStats, extractor: Callable[[Tenso
     return result
 
 
-def quick_kid_fid(module: Any, dataset: Any, num: int = 200, sampler: str | None = None, steps: int | None = None,
+DECODER_HINT = ("U-ViT decoded with the original Stable Diffusion KL-f8 autoencoder: dataset.decoder="
+                "CompVis/stable-diffusion-v1-4 dataset.decoder_subfolder=vae (or a local diffusers folder)")
+
+
+class FIDEvaluator:
+    """FID and KID of a ``DiffusionModel``'s EMA samples by its data set's protocol.
+
+    Prepared once (on every rank; downloads and a missing reference computed by rank 0 first):
+    the Inception network of ``mode`` (``extractor`` replaces it, e.g. in tests), the reference
+    statistics (``ref``, else ``<cache>/fid_stats/{dataset}_{mode}_{split}_{res}.npz``; with
+    ``build_reference`` they are computed from the data set when missing), and for latent and
+    text-to-image models the autoencoder (``decoder``, default ``dataset.decoder``) and the
+    captions that condition sample i (``contexts_dir``/``context_split``, default the data set's
+    features and ``fid.context_split``). ``dataset`` is the data set's config (default: the
+    model's run config). ``warnings`` lists what the result files should carry.
+    """
+
+    def __init__(self, model: Any, dataset: Mapping[str, Any] | None = None, *, mode: str = "clean",
+                 ref: str | Path | None = None, split: str | None = None, inception_weights: str | None = None,
+                 download: bool = True, extractor: Any = None, device: Any = None, build_reference: bool = False,
+                 kid_max: int = 5000, feature_batch: int = 50, contexts_dir: str | Path | None = None,
+                 context_split: str | None = None, decoder: str | None = None, decoder_subfolder: str | None = None,
+                 seed: int = 0, verbose: bool = True):
+        self.model = model
+        self.dataset = dict(dataset if dataset is not None else model.config["dataset"])
+        protocol = self.dataset.get("fid") or {}
+        self.kid_max, self.feature_batch, self.verbose = int(kid_max), int(feature_batch), bool(verbose)
+        self.contexts = self._prepare_conditions(contexts_dir, context_split, decoder, decoder_subfolder, seed)
+        self.mode = getattr(extractor, "mode", None) or check_mode(mode)
+        self.split = split or protocol.get("reference_split") or "train"
+        self.ref_path = Path(ref) if ref else default_reference_path(self.dataset["name"], self.mode, self.split,
+                                                                     reference_resolution(self.dataset))
+        if not self.ref_path.is_file() and not build_reference:  # said before any download
+            raise self._missing_reference()
+        device = device if device is not None else model.device
+        if extractor is None:
+            with rank_zero_first():  # one download into the shared cache
+                extractor = inception.load_inception(self.mode, inception_weights, device, download=download,
+                                                     verbose=verbose)
+        elif hasattr(extractor, "to"):
+            extractor = extractor.to(device)
+        self.extractor = extractor
+        if not self.ref_path.is_file():
+            self._build_reference()
+        if not self.ref_path.is_file():
+            raise self._missing_reference()
+        self.ref = load_reference(self.ref_path)
+        self.warnings = check_compatible(self.ref, self.mode, getattr(extractor, "sha1", None), extractor.dim)
+
+    def _missing_reference(self) -> DataError:
+        name, where = self.dataset["name"], " dataset.coco_dir=/path/to/coco" if self.dataset.get("coco_dir") else ""
+        return DataError(f"FID reference statistics {self.ref_path} do not exist; make them with `python "
+                         f"scripts/make_fid_stats.py dataset={name} mode={self.mode} split={self.split}{where}`, "
+                         "give their path (--ref PATH to evaluate.py, callbacks.fid.ref=PATH in training), or "
+                         "let training compute them (callbacks.fid.build_reference=true)")
+
+    def _prepare_conditions(self, contexts_dir, context_split, decoder, decoder_subfolder, seed) -> Contexts | None:
+        """Decoder of a latent model (required: FID compares pixels) and captions of a text model."""
+        model, data = self.model, self.dataset
+        if model.space.image_shape[0] not in (1, 3) and not model.latent_scale:
+            raise ConfigError(f"FID needs images with 1 or 3 channels; data set {data['name']!r} has "
+                              f"{model.space.image_shape[0]}")
+        if model.latent_scale:
+            if decoder:
+                model.set_decoder(decoder, decoder_subfolder)
+            if not model.decoder_name:
+                raise ConfigError(f"FID of {data['name']} compares pixels, and this model names no autoencoder to "
+                                  f"decode its latents with; pass --decoder (evaluate.py) or set dataset.decoder. "
+                                  f"{DECODER_HINT}")
+        if not model.text_conditional:
+            return None
+        return caption_contexts(data, contexts_dir, context_split, seed)
+
+    def _build_reference(self) -> None:
+        rank, _ = rank_and_world()
+        with rank_zero_first():
+            if rank == 0 and not self.ref_path.is_file():
+                if self.verbose:
+                    print(f"FID: computing reference statistics of {self.dataset['name']} ({self.split}) -> "
+                          f"{self.ref_path}", flush=True)
+                make_reference_stats(self.dataset, self.extractor, self.split, out=self.ref_path,
+                                     kid_max=self.kid_max or 5000, batch_size=self.feature_batch, progress=self.verbose)
+
+    def __call__(self, num: int, sampler: str, steps: int, seed: int = 0, chunk_size: int = 250,
+                 guidance_scale: float = 0.0, workers: int = 1, on_chunk: OnChunk | None = None) -> dict[str, Any]:
+        """FID/KID of ``num`` samples; the dict also says how they were made and with which weights."""
+        result = evaluate_module(self.model, self.ref, self.extractor, num, sampler, steps, seed, chunk_size,
+                                 self.kid_max, self.feature_batch, workers, on_chunk, verbose=self.verbose,
+                                 generate_kwargs={"guidance_scale": float(guidance_scale or 0.0)},
+                                 contexts=self.contexts)
+        result["conditions"] = getattr(self.contexts, "source", None)
+        return result
+
+
+def caption_contexts(dataset: Mapping[str, Any], folder: str | Path | None = None, split: str | None = None,
+                     seed: int = 0) -> Contexts:
+    """``contexts(indices)``: the caption embeddings that condition samples with these global indices
+    (U-ViT's protocol: a random caption of a random image of the features' val split)."""
+    from scalelong.data.coco import CocoLatentFeatures
+
+    root = Path(str(folder or dataset.get("data_dir") or ""))
+    split = split or (dataset.get("fid") or {}).get("context_split") or "val"
+    features = CocoLatentFeatures(root, split=split)
+
+    def contexts(indices):
+        return features.sample_contexts(indices, seed)
+
+    contexts.source = f"{features.folder} ({len(features)} images)"  # for the result files
+    return contexts
+
+
+def quick_kid_fid(module: Any, dataset: Any, num: int = 200, sampler: str = "euler_maruyama", steps: int = 200,
                   mode: str = "clean", extractor: Callable[[Tensor], Tensor] | None = None, seed: int = 0,
                   verbose: bool = True) -> dict[str, Any]:
     """KID and FID of ``num`` EMA samples against ``num`` random images of ``dataset``, printed.
@@ -108,24 +224,18 @@ def quick_kid_fid(module: Any, dataset: Any, num: int = 200, sampler: str | None
     40 s for the quickstart's tiny UNet: 200 samples x 200 Euler-Maruyama steps at about 1,000
     network evaluations/s). At this count KID is the
     meaningful number; FID is strongly biased upwards and only comparable at the same count.
-    ``dataset``: an ``InMemoryImages`` or uint8 images (N, C, H, W). ``sampler``/``steps``
-    default to the run's ``sample`` settings.
+    ``dataset``: an ``InMemoryImages`` or uint8 images (N, C, H, W).
     """
-    from scalelong.metrics.inception import load_inception
-
     images = dataset.images if hasattr(dataset, "images") else dataset
     images = to_rgb_uint8(images)
     if num < 2:
         raise DataError(f"quick_kid_fid needs num >= 2, got {num}")
     if len(images) < num:
         raise DataError(f"the data set has {len(images)} images, fewer than num={num}; pass a smaller num")
-    sample_cfg = (getattr(module, "config", None) or {}).get("sample", {})
-    sampler = sampler or sample_cfg.get("sampler", "euler_maruyama")
-    steps = int(steps or sample_cfg.get("steps", 200))
     device = getattr(module, "device", torch.device("cpu"))
     t0 = time.perf_counter()
     if extractor is None:
-        extractor = load_inception(mode, device=device)
+        extractor = inception.load_inception(mode, device=device)
     pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:num]
     ref_stats = FeatureStats(extractor.dim, feature_device(extractor), kid_max=num)
     for feats in iter_features(images[pick], extractor, 50, progress=verbose):

@@ -1,17 +1,6 @@
-"""Features of in-memory images, and their mean and covariance accumulated across ranks.
-
-Images are uint8 tensors (N, C, H, W), C = 1 or 3; grey images are repeated to 3 channels. Each
-image goes through the extractor's ``resize`` (clean-fid's own resizer for the mode: PIL bicubic
-on float pixels for ``clean``), then through the extractor in batches, so the numbers are those
-clean-fid computes from the same images saved losslessly.
-
-``FeatureStats`` keeps float64 sums of the features and of their outer products, plus the count;
-``all_reduce`` adds those over ranks, so W processes that each saw a disjoint share of the samples
-end with exactly the statistics of all of them, and no image (nor all features) ever crosses
-processes. For KID it also keeps the features of the first ``kid_max`` samples by *global*
-index (samples are i.i.d., so these are a random subset); each rank fills the rows of its own
-indices and one sum over ranks assembles them.
-"""
+"""Inception features of uint8 images (clean-fid's resize), and ``FeatureStats``: float64 sums of
+features and their outer products, added over ranks, plus KID rows by global index
+(``docs/design.md``, "Features and their statistics")."""
 
 from __future__ import annotations
 
@@ -24,8 +13,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from scalelong.errors import DataError
-from scalelong.metrics.distributed import all_reduce_sum
+from scalelong.utils.errors import DataError
+from scalelong.utils.distributed import all_reduce_sum
 
 Progress = bool | Callable[[int, int], None]
 

@@ -1,30 +1,6 @@
-"""Frechet distance between two Gaussians and the kernel inception distance (KID), in float64.
-
-Frechet distance (FID when the Gaussians are fitted to Inception features):
-
-    d^2 = |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2))
-
-The only delicate term is tr((S1 S2)^(1/2)). S1 S2 is not symmetric, and a general matrix
-square root of it (``scipy.linalg.sqrtm``, Schur based) can return spurious imaginary parts or
-NaNs when the covariances are singular, which they always are when there are fewer samples than
-feature dimensions (a few hundred samples against 2048 Inception features). Here it is computed
-from symmetric eigen-decompositions only:
-
-    A = S1^(1/2)                 (eigh of S1, eigenvalues clipped at 0)
-    M = A S2 A                   (symmetric, positive semi-definite)
-    tr((S1 S2)^(1/2)) = sum_i sqrt(lambda_i(M))
-
-S1 S2 = A (A S2) and M = (A S2) A have the same eigenvalues (XY and YX always do), these are real
-and non-negative, and the trace of the principal square root of S1 S2 is the sum of their square
-roots. Rounding makes the eigenvalues that should be 0 (singular covariances) tiny and of either
-sign; eigenvalues below d * eps * max|lambda| (eigh's backward error) are set to 0 before the
-square roots, so that noise of ~1e-16 does not come back as ~1e-8 from the square root.
-The cost is two 2048 x 2048 ``eigh`` calls (seconds on a CPU), and nothing can come out complex.
-
-KID (Binkowski et al. 2018, "Demystifying MMD GANs"): the unbiased estimate of the squared MMD
-with the polynomial kernel k(x, y) = (x . y / d + 1)^3, averaged over random subsets of equal
-size drawn without replacement from each feature set (as clean-fid and the KID paper do).
-"""
+"""The Frechet distance between two Gaussians (from symmetric eigen-decompositions only, so it
+never comes out complex) and the kernel inception distance, in float64. Numerics:
+``docs/design.md``, "Frechet distance and KID"."""
 
 from __future__ import annotations
 

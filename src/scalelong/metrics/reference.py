@@ -1,15 +1,6 @@
-"""Reference statistics: the mean and covariance of a data set's features, saved once and reused.
-
-File name ``{dataset}_{mode}_{split}_{res}.npz`` (clean-fid's naming) in ``<cache>/fid_stats/``
-(``<cache>`` = ``$SCALELONG_CACHE`` or ``~/.cache/scalelong``). Arrays: ``mu`` (D,) and ``sigma``
-(D, D) in float64, ``num`` (images used), ``kid_feats`` (float32 features of up to ``kid_max``
-images picked by a seeded permutation, for KID) and ``meta`` (a JSON string: data set, split, mode, resolution, the Inception
-weights' sha1 and source). Written atomically; a sidecar ``.json`` repeats the metadata with the
-sha1 of the ``.npz`` itself, which every FID result records.
-
-clean-fid's published files (``mu``, ``sigma`` only; for example ``cifar10_clean_train_32.npz``)
-load too; they were made with NVIDIA's weights, whose sha1 they do not carry.
-"""
+"""Reference statistics of a data set's features (``{dataset}_{mode}_{split}_{res}.npz``), saved
+once with their metadata and sha1, and clean-fid's published files (``docs/design.md``,
+"Reference statistics")."""
 
 from __future__ import annotations
 
@@ -25,8 +16,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from scalelong.errors import ConfigError, DataError
-from scalelong.io import atomic_write, write_text
+from scalelong.utils.errors import ConfigError, DataError
+from scalelong.utils.io import atomic_write, write_text
 from scalelong.metrics.features import FeatureStats, feature_device, iter_features, progress_reporter
 from scalelong.metrics.inception import cache_dir, check_mode, file_digest
 

@@ -1,18 +1,5 @@
-"""Sharding sample generation over ranks so that sample i is the same for any world size.
-
-The ``num`` samples are cut into fixed-size chunks by global index: chunk c holds indices
-[c * chunk_size, min((c + 1) * chunk_size, num)). Chunk c is drawn in one ``generate`` call with
-its own seed ``step_seed(seed, c, stream)``, and rank r takes chunks r, r + W, r + 2W, ... So:
-
-* the total is exactly ``num`` for any world size W (the last chunk is short when needed);
-* no sample is drawn twice, and every index once;
-* sample i depends only on (seed, chunk_size, num, i), never on W or on the rank: one process
-  and eight give the same set of images (up to the device's floating-point determinism).
-
-Class-conditional models get label ``i % num_classes`` for sample i, as ``generate`` would give
-one process. Text-conditional models get ``contexts(indices)``: caption embeddings chosen by
-global index (``CocoLatentFeatures.sample_contexts``), so they too do not depend on the ranks.
-"""
+"""Sample generation sharded over ranks by fixed chunks, so the total is exact and sample i is the
+same for any number of processes (``docs/design.md``, "Sharded sampling")."""
 
 from __future__ import annotations
 
@@ -22,18 +9,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from scalelong.data.sampler import step_seed
-from scalelong.metrics.distributed import rank_and_world
-
-_STREAM_EVAL = 11  # a generator stream of its own (training uses 2 and 3)
-
+from scalelong.utils.seeding import STREAM_EVAL, step_seed
+from scalelong.utils.distributed import rank_and_world
 
 def num_chunks(num: int, chunk_size: int) -> int:
     return -(-int(num) // int(chunk_size))
 
 
 def chunk_seed(seed: int, chunk: int) -> int:
-    return step_seed(int(seed), int(chunk), _STREAM_EVAL)
+    return step_seed(int(seed), int(chunk), STREAM_EVAL)
 
 
 def shard(num: int, chunk_size: int, rank: int, world: int) -> list[tuple[int, int, int]]:
@@ -63,7 +47,7 @@ def generate_shard(module: Any, num: int, sampler: str, steps: int, seed: int = 
         rank, world = rank_and_world()
     num_classes = int(getattr(module, "num_classes", 0) or 0)
     if getattr(module, "text_conditional", False) and contexts is None:
-        from scalelong.errors import ConfigError
+        from scalelong.utils.errors import ConfigError
 
         raise ConfigError("samples of a text-to-image model need caption embeddings to condition on; pass the "
                           "val split's caption features (evaluate.py --contexts, the FID callback reads "

@@ -1,45 +1,42 @@
-"""Backbones: U-ViT and a CNN UNet, both with pluggable long-skip scaling."""
+"""Backbones with pluggable long-skip scaling: U-ViT and a CNN UNet. Their presets are
+``conf/model/*.yaml``; ``from_preset`` builds one from Python as training does."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 from torch import nn
 
-from scalelong.errors import ConfigError
-from scalelong.models.unet import UNET_PRESETS, UNet, unet_from_preset
-from scalelong.models.uvit import UVIT_PRESETS, UViT, convert_official_uvit_state_dict, uvit_from_preset
-
-BACKBONES = {"uvit": (uvit_from_preset, UVIT_PRESETS), "unet": (unet_from_preset, UNET_PRESETS)}
+from scalelong.models.unet import UNet
+from scalelong.models.uvit import UViT, convert_official_uvit_state_dict
 
 
-def build_backbone(model: Mapping[str, Any], scaling: Any, dataset: Mapping[str, Any]) -> nn.Module:
-    """Build ``model.backbone`` from ``model.preset`` for ``dataset``'s images.
+def preset_config(preset: str, dataset: str | None = None, **overrides: Any) -> dict[str, Any]:
+    """The resolved ``model`` node of ``conf/model/<preset>.yaml`` for ``dataset``'s images (default:
+    the data set whose ``model=uvit``/``unet`` this preset is), with ``overrides`` applied."""
+    from omegaconf import OmegaConf
 
-    The data set fixes image size, channels and (when conditional) the number of classes;
-    ``model.options`` overrides any other constructor argument of the preset.
-    """
-    name = model.get("backbone")
-    if name not in BACKBONES:
-        raise ConfigError(f"unknown model {name!r}; valid models: {', '.join(BACKBONES)}")
-    factory, presets = BACKBONES[name]
-    if dataset.get("text_conditional") and name != "uvit":
-        raise ConfigError(f"data set {dataset.get('name')!r} is text-conditional: only model=uvit takes text tokens")
-    preset = model.get("preset")
-    if preset not in presets:
-        raise ConfigError(f"unknown {name} preset {preset!r}; valid presets: {', '.join(presets)}")
-    args = dict(img_size=int(dataset["image_size"]), in_chans=int(dataset["channels"]))
-    if dataset.get("conditional"):
-        # One more embedding, the "no label" class, when labels are dropped for guidance.
-        extra = 1 if float(dataset.get("label_drop_prob") or 0) > 0 else 0
-        args["num_classes"] = int(dataset["num_classes"]) + extra
-    if dataset.get("text_conditional"):
-        args.update(context_dim=int(dataset["context_dim"]), num_context_tokens=int(dataset["num_context_tokens"]))
-    args.update(dict(model.get("options") or {}))
-    scaling = dict(scaling) if isinstance(scaling, Mapping) else scaling
-    return factory(preset, scaling=scaling, **args)
+    from scalelong.config import compose, conf_dir
+    from scalelong.utils.errors import ConfigError
+
+    if dataset is None:
+        aliases = sorted((conf_dir() / "model" / "by_dataset").glob("*.yaml"))
+        owners = [a.stem.split("_", 1)[1] for a in aliases if f"/model/{preset}@" in a.read_text()]
+        if not owners:
+            raise ConfigError(f"no data set uses the preset {preset!r} by default; pass dataset=...")
+        dataset = owners[0]
+    cfg = compose([f"model={preset}", f"dataset={dataset}"])
+    return {**OmegaConf.to_container(cfg.model, resolve=True), **overrides}
 
 
-__all__ = ["UViT", "UNet", "UVIT_PRESETS", "UNET_PRESETS", "uvit_from_preset", "unet_from_preset",
-           "convert_official_uvit_state_dict", "build_backbone", "BACKBONES"]
+def from_preset(preset: str, dataset: str | None = None, scaling: Any = "none", **overrides: Any) -> nn.Module:
+    """The network of ``conf/model/<preset>.yaml`` built as training builds it, for ``dataset``'s
+    images (default: the data set the preset is made for), with ``overrides`` of its constructor
+    arguments; ``scaling`` is a strategy name, config mapping or ``SkipScaling``. Example:
+    ``from_preset("uvit_s2_32", scaling={"name": "constant", "kappa": 0.7})``."""
+    from scalelong.build import build_network
+
+    return build_network(preset_config(preset, dataset, **overrides), scaling)
+
+
+__all__ = ["UViT", "UNet", "convert_official_uvit_state_dict", "from_preset", "preset_config"]

@@ -1,45 +1,6 @@
-"""DDPM / ADM style convolutional UNet for epsilon prediction, with scalable long skips.
-
-The network is the CIFAR-10 UNet of Ho et al. (2020): a sinusoidal time embedding and an MLP,
-a 3x3 stem conv, an encoder of residual blocks (self-attention at chosen resolutions) with
-stride-2 conv downsampling, a middle res-attn-res block, a mirrored decoder with one extra
-residual block per level and nearest-neighbour upsampling, and a GroupNorm-SiLU-conv head.
-
-Long skip connections (LSCs)
-----------------------------
-Every encoder output -- the stem output, each residual(+attention) block output and each
-downsample output -- is pushed on a stack; each decoder residual block pops one and consumes
-``torch.cat([h, skip], dim=1)``. The DDPM CIFAR-10 configuration therefore has
-1 + 4*2 + 3 = 12 LSCs. They are numbered from the outside in, as in ``scalelong.scaling``:
-LSC 1 joins the stem output to the last decoder block, LSC N the deepest encoder feature to the
-first decoder block. The strategy (``scaling=``) multiplies only the popped skip, before the
-concat; the decoder path ``h`` is never scaled.
-
-Learnable strategies on the UNet
---------------------------------
-Unlike U-ViT, where every LSC carries the same token count, the UNet's skips differ in shape
-(channels 128..256, resolution 32..4 for CIFAR-10), so the official per-token gate cannot be
-shared. ``scaling.py`` therefore picks its ``ChannelGate`` for the "channels" layout: for each
-sample and channel it summarises the skip by the mean and standard deviation over pixels,
-runs a small 1-D convolution across the channel axis (2 -> hidden -> 1 channels, kernel 3) and
-a sigmoid, and multiplies the skip by the resulting (B, C, 1, 1) gate. The gate's parameters do
-not depend on the channel count or resolution, so ``learnable`` uses ONE such gate for all N
-LSCs (the paper's shared LS), while ``learnable_nonshared`` gives each LSC its own gate
-(``skip_scaling.gates[i-1]`` serves LSC i). At initialisation the gates sit near 0.5.
-
-Initialisation
---------------
-PyTorch's default initialisation everywhere, except (as ADM does, and as DDPM does with its
-``init_scale=0``) the last conv of every residual block, the attention output projection and
-the final output conv, which start at exactly zero (``zero_init=True``): every residual branch
-starts as the identity and the initial prediction is 0. ``zero_init=False`` keeps the default
-initialisation for those layers too (useful in tests, where zero branches would hide paths).
-
-Presets: ``UNET_PRESETS`` / ``unet_from_preset``; parameter counts with ``scaling="none"``:
-``ddpm_cifar10`` 35,746,307 (12 LSCs); ``ddpm_64`` 115,938,691 (16 LSCs); ``tiny`` 1,112,801
-(in_chans=1, 6 LSCs; 1,113,955 with in_chans=3). ``learnable`` adds 81 parameters (one gate),
-``learnable_nonshared`` 81 per LSC.
-"""
+"""DDPM / ADM style convolutional UNet predicting the noise, with scalable long skips (every encoder
+output is a long skip, 12 for the DDPM CIFAR10 model). Presets: ``conf/model/{ddpm_*,unet_*}.yaml``;
+the skip layout, the learnable gates on this backbone and the initialisation: ``docs/design.md``."""
 
 from __future__ import annotations
 
@@ -52,13 +13,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from scalelong.errors import ConfigError
+from scalelong.utils.errors import ConfigError
 from scalelong.scaling import SkipScaling, build_skip_scaling
 
 __all__ = [
     "UNet",
-    "UNET_PRESETS",
-    "unet_from_preset",
     "timestep_embedding",
     "ResBlock",
     "AttentionBlock",
@@ -403,6 +362,13 @@ class UNet(nn.Module):
         blocks = [b for level in self.up for b in level.blocks]
         return sorted(blocks, key=lambda b: b.skip_index)
 
+    def stability_blocks(self) -> list[tuple[str, nn.Module]]:
+        """Blocks the stability monitor measures, in execution order: ``in_{i-1}`` is the encoder
+        module feeding LSC i, then the middle block, then ``out_{k}`` consuming LSC N-k."""
+        decoder = self.decoder_merge_blocks()[::-1]  # execution order: the deepest LSC first
+        return ([(f"in_{k:02d}", m) for k, m in enumerate(self.encoder_skip_modules())] + [("mid", self.mid)]
+                + [(f"out_{k:02d}", m) for k, m in enumerate(decoder)])
+
     # --- forward -------------------------------------------------------------------------------
 
     def forward(self, x: Tensor, timesteps: Tensor, y: Tensor | None = None) -> Tensor:
@@ -442,36 +408,8 @@ class UNet(nn.Module):
             for block in level.blocks:
                 # The stack's depth is the LSC index: the last push (deepest) is LSC N.
                 index = len(skips)
-                skip = self.skip_scaling(skips.pop(), index)
+                h, skip = self.skip_scaling.merge(h, skips.pop(), index)
                 h = block(torch.cat([h, skip], dim=1), emb)
             if level.upsample is not None:
                 h = level.upsample(h)
         return self.out(h)
-
-
-# --- presets -------------------------------------------------------------------------------------
-
-UNET_PRESETS: dict[str, dict[str, Any]] = {
-    # Ho et al. (2020) CIFAR-10: 35,746,307 parameters with scaling=none; 12 LSCs.
-    "ddpm_cifar10": dict(
-        img_size=32, in_chans=3, base_channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=2,
-        attn_resolutions=(16,), num_heads=1, dropout=0.1,
-    ),
-    # DDPM/ADM-like 64x64 (CelebA / ImageNet 64): 115,938,691 parameters with scaling=none; 16 LSCs.
-    "ddpm_64": dict(
-        img_size=64, in_chans=3, base_channels=128, channel_mult=(1, 2, 3, 4), num_res_blocks=3,
-        attn_resolutions=(16, 8), num_heads=4, dropout=0.1,
-    ),
-    # CPU quickstart on 16x16 grayscale digits: 1,112,801 parameters (in_chans=1); 6 LSCs.
-    "tiny": dict(
-        img_size=16, in_chans=1, base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
-        attn_resolutions=(8,), num_heads=1, dropout=0.1,
-    ),
-}
-
-
-def unet_from_preset(name: str, **overrides: Any) -> UNet:
-    """Build ``UNET_PRESETS[name]`` with keyword ``overrides`` (e.g. ``scaling="sqrt2"``)."""
-    if name not in UNET_PRESETS:
-        raise ConfigError(f"unknown UNet preset {name!r}; valid presets: {', '.join(UNET_PRESETS)}")
-    return UNet(**{**UNET_PRESETS[name], **overrides})

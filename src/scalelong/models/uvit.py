@@ -1,13 +1,5 @@
-"""U-ViT (Bao et al., CVPR 2023) with pluggable long-skip scaling (ScaleLong).
-
-Everything is a token: the time (and the class label, or the text tokens) join the image patches
-as extra tokens in one sequence. The encoder's blocks hand their outputs across long skips to the
-decoder's blocks, which merge them by concat + Linear(2D -> D). The skip goes through the scaling
-strategy right before that concat (LSC 1 = the first encoder block to the last decoder block).
-
-Module names follow the official implementation, so its checkpoints load as they are
-(``convert_official_uvit_state_dict`` only renames the ScaleLong gates).
-"""
+"""U-ViT (Bao et al., CVPR 2023) with pluggable long-skip scaling; module names follow the official
+code, so its checkpoints load (``convert_official_uvit_state_dict``). Presets: ``conf/model/uvit_*.yaml``."""
 
 from __future__ import annotations
 
@@ -20,10 +12,10 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
-from scalelong.errors import ConfigError
+from scalelong.utils.errors import ConfigError
 from scalelong.scaling import SkipScaling, build_skip_scaling
 
-__all__ = ["UViT", "UVIT_PRESETS", "uvit_from_preset", "timestep_embedding", "convert_official_uvit_state_dict"]
+__all__ = ["UViT", "timestep_embedding", "convert_official_uvit_state_dict"]
 
 
 def timestep_embedding(timesteps: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -169,6 +161,7 @@ class UViT(nn.Module):
             raise ConfigError("a U-ViT takes either a class label (num_classes) or text context, not both")
         # Build the strategy first: a bad name or kappa fails before any large allocation.
         strategy = build_skip_scaling(scaling)
+        img_size, patch_size, in_chans, depth = int(img_size), int(patch_size), int(in_chans), int(depth)
 
         self.img_size, self.patch_size, self.in_chans = img_size, patch_size, in_chans
         self.embed_dim = self.num_features = embed_dim
@@ -227,6 +220,12 @@ class UViT(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed"}
 
+    def stability_blocks(self) -> list[tuple[str, nn.Module]]:
+        """Blocks the stability monitor measures, in execution order: ``in_{k}`` feeds LSC k+1,
+        ``out_{k}`` consumes LSC N-k."""
+        return ([(f"in_{k:02d}", m) for k, m in enumerate(self.in_blocks)] + [("mid", self.mid_block)]
+                + [(f"out_{k:02d}", m) for k, m in enumerate(self.out_blocks)])
+
     def forward(self, x: Tensor, timesteps: Tensor, y: Tensor | None = None, context: Tensor | None = None) -> Tensor:
         if x.shape[-1] != self.img_size or x.shape[-2] != self.img_size:
             raise ValueError(f"expected {self.img_size}x{self.img_size} inputs, got {tuple(x.shape[-2:])}")
@@ -256,40 +255,12 @@ class UViT(nn.Module):
             # The first out block takes the innermost skip (index N), the last the outermost (1).
             skip = skips.pop()
             if self.use_skips:
-                skip = self.skip_scaling(skip, self.num_skips - k)
+                x, skip = self.skip_scaling.merge(x, skip, self.num_skips - k)
             x = blk(x, skip)
 
         x = self.decoder_pred(self.norm(x))
         x = unpatchify(x[:, self.extras:, :], self.in_chans, self.grid)
         return self.final_layer(x)
-
-
-# Named presets (constructor arguments). Paper settings: method.md sections 4 and 5.
-UVIT_PRESETS: dict[str, dict[str, Any]] = {
-    # U-ViT-S/2 on CIFAR10: 13 blocks, N = 6, about 44.26M parameters.
-    "uvit_s2_32": dict(img_size=32, patch_size=2, embed_dim=512, depth=12, num_heads=8),
-    # U-ViT-S/4 on CelebA 64.
-    "uvit_s4_64": dict(img_size=64, patch_size=4, embed_dim=512, depth=12, num_heads=8),
-    # U-ViT-M/4 on ImageNet 64: 17 blocks, N = 8, class-conditional; gradient checkpointing as
-    # the official config.
-    "uvit_m4_64": dict(img_size=64, patch_size=4, embed_dim=768, depth=16, num_heads=12, num_classes=1000,
-                       use_checkpoint=True),
-    # U-ViT-S/2 and S/2-deep on 4x32x32 Stable Diffusion latents with CLIP text tokens (MS-COCO).
-    "uvit_s2_latent": dict(img_size=32, patch_size=2, in_chans=4, embed_dim=512, depth=12, num_heads=8,
-                           context_dim=768, num_context_tokens=77),
-    "uvit_s2_deep_latent": dict(img_size=32, patch_size=2, in_chans=4, embed_dim=512, depth=16, num_heads=8,
-                                context_dim=768, num_context_tokens=77),
-    # CPU-sized models for the quickstart and tests (16x16 images, patch 4: 17 tokens).
-    "uvit_tiny": dict(img_size=16, patch_size=4, in_chans=1, embed_dim=128, depth=6, num_heads=4),
-    "uvit_tiny_p2": dict(img_size=16, patch_size=2, in_chans=1, embed_dim=96, depth=6, num_heads=4),
-}
-
-
-def uvit_from_preset(name: str, **overrides: Any) -> UViT:
-    """Build a named preset; keyword arguments override its settings (for example ``scaling``)."""
-    if name not in UVIT_PRESETS:
-        raise ConfigError(f"unknown U-ViT preset {name!r}; valid presets: {', '.join(UVIT_PRESETS)}")
-    return UViT(**{**UVIT_PRESETS[name], **overrides})
 
 
 def convert_official_uvit_state_dict(state_dict: Mapping[str, Tensor], num_skips: int | None = None) -> dict[str, Tensor]:

@@ -1,4 +1,5 @@
-"""Callbacks of a training run: progress lines, sample grids, periodic checkpoints."""
+"""Callbacks of a training run: progress lines, sample grids, periodic checkpoints, and the run's
+configuration written into every checkpoint."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from scalelong.data.sampler import BatchRequest, batch_len
-from scalelong.io import save_image_grid, write_bytes
+from scalelong.utils.io import save_image_grid, write_bytes
 
 
 class ProgressPrinter(pl.Callback):
@@ -65,7 +66,7 @@ class SampleGrid(pl.Callback):
         self._contexts = None
 
     def on_train_start(self, trainer, pl_module) -> None:
-        if getattr(pl_module, "text_conditional", False):
+        if pl_module.space.text_conditional:
             # The same captions for every grid: the first items of the training data (caption
             # chosen as at step 0).
             data = trainer.datamodule.data
@@ -73,7 +74,7 @@ class SampleGrid(pl.Callback):
             self._contexts = data.__getitems__(BatchRequest(0, indices))["context"]
 
     def _save(self, trainer, pl_module, name: str) -> Path:
-        images = pl_module.generate(self.num, self.sampler, self.steps, seed=self.seed, contexts=self._contexts,
+        images = pl_module.model.generate(self.num, self.sampler, self.steps, seed=self.seed, contexts=self._contexts,
                                     guidance_scale=self.guidance_scale)
         path = save_image_grid(images, self.dirpath / name)
         for logger in trainer.loggers:
@@ -121,7 +122,7 @@ class PeriodicCheckpoint(pl.Callback):
         return self.dirpath / "last.ckpt"
 
     def _save_last(self, trainer) -> None:
-        trainer.save_checkpoint(self.last_path)
+        trainer.save_checkpoint(self.last_path, weights_only=False)  # the full state, to resume
         self._saved_step = trainer.global_step
 
     def on_train_start(self, trainer, pl_module) -> None:
@@ -143,7 +144,7 @@ class PeriodicCheckpoint(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
         if self.keep_every and step % self.keep_every == 0:
-            trainer.save_checkpoint(self.dirpath / f"step_{step:07d}.ckpt")
+            trainer.save_checkpoint(self.dirpath / f"step_{step:07d}.ckpt", weights_only=False)
         if self.every > 0 and step % self.every == 0:
             self._save_last(trainer)
         if trainer.strategy.reduce_boolean_decision(getattr(self, "_stop_requested", False), all=False):
@@ -163,3 +164,16 @@ class PeriodicCheckpoint(pl.Callback):
         for sig, handler in getattr(self, "_previous_handlers", {}).items():
             signal.signal(sig, handler)
         self._previous_handlers = {}
+
+
+class ConfigInCheckpoints(pl.Callback):
+    """Stores the run's resolved configuration in every checkpoint (``checkpoint["scalelong"]``), so
+    ``DiffusionModel.from_checkpoint`` rebuilds the model from its parts' configs alone."""
+
+    def __init__(self, config: dict):
+        self.config = config
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        from scalelong.checkpoints import CONFIG_KEY, FORMAT
+
+        checkpoint[CONFIG_KEY] = {"config": self.config, "format": FORMAT}

@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
-from scalelong.errors import OutputError
-from scalelong.io import atomic_write
+from scalelong.utils.errors import OutputError
+from scalelong.utils.io import atomic_write
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

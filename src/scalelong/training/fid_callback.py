@@ -1,46 +1,23 @@
-"""FID and KID of EMA samples during training, a history file, and the best checkpoint by FID.
-
-Every ``every_n_steps`` optimizer steps, ``num_samples`` samples of the EMA model (DPM-Solver,
-50 steps by default: the official protocol is 10k samples every 50k steps) are drawn, shared over
-all ranks (see ``scalelong.metrics.sampling``: the total is exact and sample i does not depend on
-the world size), turned into Inception features, and reduced as float64 sums. Then:
-
-* ``eval/fid`` and ``eval/kid`` go to every logger (at the evaluation's step) and to
-  ``trainer.callback_metrics``;
-* rank 0 adds ``{step, fid, kid, num, sampler, steps, ...}`` to ``<run>/fid_history.json`` (a JSON
-  list, written atomically; an entry for the same step is replaced, as after a resume);
-* the best entry is read back from that file, and when it is this step every rank calls
-  ``trainer.save_checkpoint(<run>/checkpoints/best_fid.ckpt)``.
-
-Reference statistics: ``ref`` (a path), or by default the data set's
-``<cache>/fid_stats/{dataset}_{mode}_{split}_{res}.npz`` (make it with ``scripts/make_fid_stats.py``,
-or set ``build_reference: true`` to compute it from the data set at the start of training).
-Missing statistics or weights stop the run before its first step, with one message.
-
-Conditional models sample with ``guidance_scale`` (the data set's ``fid.guidance_scale``). A
-latent text-to-image model (MS-COCO) decodes its samples with ``dataset.decoder`` and conditions
-sample i on a caption of the features' val split (``scalelong.metrics.conditioning``); its
-reference is COCO's val2014 at 256 px (``dataset.coco_dir``).
-"""
+"""FID and KID of EMA samples every ``every_n_steps`` during training (the official protocol: 10k
+samples, DPM-Solver 50 steps, every 50k steps), through the same ``FIDEvaluator`` as
+``scripts/evaluate.py``. Logs ``eval/fid`` and ``eval/kid``, lists every evaluation in
+``fid_history.json`` and keeps ``checkpoints/best_fid.ckpt`` (decided from that file)."""
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 
-from scalelong.errors import ConfigError, DataError
-from scalelong.io import write_text
-from scalelong.metrics.conditioning import prepare_sampling
-from scalelong.metrics.distributed import rank_zero_first
-from scalelong.metrics.evaluation import evaluate_module
-from scalelong.metrics.inception import check_mode, load_inception
-from scalelong.metrics.reference import (check_compatible, default_reference_path, load_reference,
-                                        make_reference_stats, reference_resolution)
+from scalelong.metrics.evaluation import FIDEvaluator
+from scalelong.metrics.inception import check_mode
+from scalelong.utils.errors import ConfigError, DataError
+from scalelong.utils.io import write_text
 
 
 def read_history(path: str | Path) -> list[dict[str, Any]]:
@@ -64,18 +41,21 @@ def best_entry(history: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 
 class FIDCallback(pl.Callback):
-    def __init__(self, every_n_steps: int = 50000, num_samples: int = 10000, sampler: str = "dpm_solver",
-                 steps: int = 50, seed: int = 0, guidance_scale: float = 0.0, mode: str = "clean",
-                 ref: str | None = None, split: str = "train",
+    """``dataset`` is the data set's config (``${dataset}``; default: the training data's): its name,
+    images and FID protocol."""
+
+    def __init__(self, dataset: Mapping[str, Any] | None = None, every_n_steps: int = 50000,
+                 num_samples: int = 10000, sampler: str = "dpm_solver", steps: int = 50, seed: int = 0,
+                 guidance_scale: float = 0.0, mode: str = "clean", ref: str | None = None, split: str = "train",
                  inception_weights: str | None = None, download: bool = True, build_reference: bool = False,
                  chunk_size: int = 250, feature_batch: int = 50, kid: bool = True, kid_max: int = 5000,
                  at_end: bool = False, history_file: str = "fid_history.json",
                  best_checkpoint: str | None = "checkpoints/best_fid.ckpt", dirpath: str | None = None,
                  feature_extractor: Any = None, verbose: bool = True):
+        self.dataset = dict(dataset or {})
         self.every = int(every_n_steps)
         self.num, self.sampler, self.steps, self.seed = int(num_samples), sampler, int(steps), int(seed)
         self.guidance_scale = float(guidance_scale or 0.0)
-        self.contexts = None  # caption embeddings of a text-to-image model's samples (set up in setup)
         self.mode = check_mode(mode)
         self.ref_path, self.split = ref, split
         self.weights_path, self.download = inception_weights, bool(download)
@@ -86,7 +66,7 @@ class FIDCallback(pl.Callback):
         self.history_name, self.best_name, self.dirpath = history_file, best_checkpoint, dirpath
         self.extractor = feature_extractor
         self.verbose = bool(verbose)
-        self.ref = None
+        self.evaluator: FIDEvaluator | None = None
         self._last_step = -1
         if self.num < 2:
             raise ConfigError(f"callbacks.fid.num_samples must be at least 2, got {num_samples}")
@@ -112,35 +92,16 @@ class FIDCallback(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        data_cfg = pl_module.config["dataset"]
-        if int(data_cfg.get("channels", 3)) not in (1, 3) and not data_cfg.get("latent_scale"):
-            raise ConfigError(f"FID needs images with 1 or 3 channels; data set {data_cfg['name']!r} has "
-                              f"{data_cfg['channels']}; drop callbacks=fid")
-        # latents need a decoder; captions come from the val split of the features (U-ViT's protocol)
-        self.contexts = prepare_sampling(pl_module, seed=self.seed)
-        device = trainer.strategy.root_device  # the module moves there only after setup
-        if self.extractor is None:
-            with rank_zero_first():  # one download into the shared cache
-                self.extractor = load_inception(self.mode, self.weights_path, device,
-                                                download=self.download, verbose=self.verbose)
-        elif hasattr(self.extractor, "to"):
-            self.extractor = self.extractor.to(device)
-        mode = getattr(self.extractor, "mode", self.mode)
-        path = Path(self.ref_path) if self.ref_path else default_reference_path(
-            data_cfg["name"], mode, self.split, reference_resolution(data_cfg))
-        if not path.is_file() and self.build_reference:
-            with rank_zero_first():
-                if trainer.is_global_zero and not path.is_file():
-                    print(f"FID: computing reference statistics of {data_cfg['name']} ({self.split}) -> {path}",
-                          flush=True)
-                    make_reference_stats(data_cfg, self.extractor, self.split, out=path, kid_max=self.kid_max or 5000,
-                                         batch_size=self.feature_batch, progress=self.verbose)
-        if not path.is_file():
-            raise DataError(f"FID reference statistics {path} do not exist; make them with `python "
-                            f"scripts/make_fid_stats.py dataset={data_cfg['name']} mode={mode} split={self.split}`, "
-                            "set callbacks.fid.ref=PATH, or set callbacks.fid.build_reference=true")
-        self.ref = load_reference(path)
-        for warning in check_compatible(self.ref, mode, getattr(self.extractor, "sha1", None), self.extractor.dim):
+        # Weights, reference statistics, captions and decoder before the first step: what is
+        # missing stops the run there, with one message.
+        dataset = self.dataset or getattr(trainer.datamodule, "dataset_cfg", None)  # default: the training data
+        self.evaluator = FIDEvaluator(
+            pl_module.model, dataset, mode=self.mode, ref=self.ref_path, split=self.split,
+            inception_weights=self.weights_path, download=self.download, extractor=self.extractor,
+            device=trainer.strategy.root_device,  # the module moves there only after setup
+            build_reference=self.build_reference, kid_max=self.kid_max, feature_batch=self.feature_batch,
+            seed=self.seed, verbose=self.verbose)
+        for warning in self.evaluator.warnings:
             if trainer.is_global_zero:
                 print(f"FID warning: {warning}", flush=True)
 
@@ -158,9 +119,7 @@ class FIDCallback(pl.Callback):
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         step = trainer.global_step
         self._last_step = step
-        result = evaluate_module(pl_module, self.ref, self.extractor, self.num, self.sampler, self.steps, self.seed,
-                                 self.chunk_size, self.kid_max, self.feature_batch,
-                                 generate_kwargs={"guidance_scale": self.guidance_scale}, contexts=self.contexts)
+        result = self.evaluator(self.num, self.sampler, self.steps, self.seed, self.chunk_size, self.guidance_scale)
         entry = {"step": step, "fid": result["fid"], "kid": result["kid"], "num": result["num"],
                  "sampler": self.sampler, "steps": self.steps, "guidance_scale": self.guidance_scale,
                  "kid_std": result["kid_std"],
@@ -184,7 +143,7 @@ class FIDCallback(pl.Callback):
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
         best_path = self.best_path(trainer)
         if is_best and best_path is not None:
-            trainer.save_checkpoint(best_path)  # every rank calls it; rank 0 writes
+            trainer.save_checkpoint(best_path, weights_only=False)  # every rank calls it; rank 0 writes
         if self.verbose and trainer.is_global_zero:
             kid = "" if result["kid"] is None else f"  KID {result['kid']:.5f}"
             best = "  best so far" if is_best else ""

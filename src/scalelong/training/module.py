@@ -1,33 +1,24 @@
-"""The LightningModule: an epsilon-prediction diffusion model around one backbone and its strategy.
-
-Every random draw of a training step is a function of (seed, step): the times t, the noise, the
-flips, the condition dropout and the latent posterior noise (from explicit generators over the
-whole global batch, of which each rank takes its slice) and dropout (the global generator is
-reseeded per step and rank). So a resumed run repeats
-an uninterrupted one, and W processes see the same global batch as one process.
-"""
+"""The LightningModule: one training step of an epsilon-prediction diffusion model (every random
+draw keyed by (seed, step)), and the hooks around the optimizer step: fp16 unscaling, the
+divergence guard, EMA, warm-up. Details: ``docs/design.md``, "The training step"."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from scalelong.data.coco import sample_latents
-from scalelong.data.sampler import batch_len, step_seed
-from scalelong.diffusion import TRAIN_T_EPS, NoisePredictor, get_sde, noise_prediction_loss, sample
-from scalelong.ema import EMA
-from scalelong.errors import ConfigError, TrainingDiverged
-from scalelong.models import build_backbone
-
-# Generator streams, so t, noise and flips never share random numbers.
-_STREAM_TRAIN_NOISE = 2
-_STREAM_DROPOUT = 3
+from scalelong.data.sampler import batch_len
+from scalelong.data.space import DataSpace
+from scalelong.diffusion import TRAIN_T_EPS, VPSchedule, noise_prediction_loss
+from scalelong.model import DiffusionModel
+from scalelong.training.ema import EMA
+from scalelong.utils.errors import TrainingDiverged
+from scalelong.utils.seeding import STREAM_DROPOUT, STREAM_TRAIN_NOISE, step_seed
 
 
 def warmup_constant(step: int, warmup_steps: int) -> float:
@@ -36,61 +27,45 @@ def warmup_constant(step: int, warmup_steps: int) -> float:
     return min(step / warmup_steps, 1.0) if warmup_steps > 0 else 1.0
 
 
-def to_uint8(x: Tensor) -> Tensor:
-    """[-1, 1] floats -> [0, 255] uint8, rounding to the nearest level."""
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
-@contextmanager
-def eval_mode(module: torch.nn.Module):
-    was_training = module.training
-    module.eval()
-    try:
-        yield module
-    finally:
-        module.train(was_training)
-
-
 class DiffusionModule(pl.LightningModule):
-    """Owns the backbone (``net``), its EMA copy (``ema.module``) and the noise schedule.
+    """Trains ``net`` (its EMA copy is ``ema.module``) to predict the noise under ``sde``.
 
-    ``config`` is the whole resolved run configuration as a plain dict; it is stored in every
-    checkpoint, so ``DiffusionModule.load_from_checkpoint(path)`` rebuilds the model alone.
+    ``optimizer`` is called with the network's parameters (a ``_partial_`` of ``torch.optim.AdamW``
+    from the ``optim`` config). ``model`` is the same network, EMA and schedule as a
+    ``DiffusionModel`` for sampling. State dict keys: ``net.*``, ``ema.module.*`` and, for text
+    models, ``empty_context``.
     """
 
-    def __init__(self, config: Mapping[str, Any]):
+    def __init__(self, net: nn.Module, sde: VPSchedule, space: DataSpace, optimizer: Callable[..., torch.optim.Optimizer],
+                 ema_decay: float = 0.9999, warmup_steps: int = 0, grad_clip: float | None = None,
+                 max_nonfinite_in_row: int = 20, seed: int = 0, channels_last: bool = False, compile: bool = False):
         super().__init__()
-        self.save_hyperparameters({"config": dict(config)})
-        self.config = config
-        data = config["dataset"]
-        self.image_shape = (int(data["channels"]), int(data["image_size"]), int(data["image_size"]))
-        self.num_classes = int(data.get("num_classes", 0)) if data.get("conditional") else 0
-        # Classifier-free guidance: labels become the extra "null" class, captions the empty prompt.
-        self.label_drop_prob = float(data.get("label_drop_prob") or 0.0) if self.num_classes else 0.0
-        self.text_conditional = bool(data.get("text_conditional"))
-        self.text_drop_prob = float(data.get("text_drop_prob") or 0.0) if self.text_conditional else 0.0
-        self.latent_scale = float(data["latent_scale"]) if data.get("latent_scale") else None
-        self.decoder_name = data.get("decoder")
-        self.decoder_subfolder = data.get("decoder_subfolder")
-        self._decoder = None
-        self.random_flip = bool(data.get("random_flip", False))
-        self.seed = int(config["seed"])
-        self.net = build_backbone(config["model"], config["scaling"], data)
-        self.ema = EMA(self.net, float(config["ema"]["decay"]))
-        model_cfg = config["model"]
-        self.channels_last = bool(model_cfg.get("channels_last", False))
-        if model_cfg.get("compile"):
+        self.net = net
+        self.ema = EMA(self.net, float(ema_decay))
+        self.sde, self.space = sde, space
+        self.optimizer_factory = optimizer
+        self.warmup_steps, self.grad_clip = int(warmup_steps), grad_clip
+        self.max_nonfinite_in_row = int(max_nonfinite_in_row or 0)
+        self.seed = int(seed)
+        self.channels_last = bool(channels_last)
+        if compile:
             # In place: parameter names (and so checkpoints) stay those of the eager model.
             self.net.compile()
-        diffusion = dict(config["diffusion"])
-        self.sde = get_sde(diffusion.pop("schedule"), **diffusion)
-        self.optim = dict(config["optim"])
-        if self.text_conditional:  # filled from the data set at fit start; kept in checkpoints for sampling
-            shape = (int(data["num_context_tokens"]), int(data["context_dim"]))
-            self.register_buffer("empty_context", torch.zeros(shape))
+        if space.text_conditional:  # filled from the data set at fit start; kept in checkpoints for sampling
+            self.register_buffer("empty_context", torch.zeros(space.context_shape))
         self.nonfinite_in_row = 0
         self.nonfinite_total = 0
         self.overflow_total = 0  # fp16 steps the loss scaler skipped
+        self._sampling_model: DiffusionModel | None = None
+
+    @property
+    def model(self) -> DiffusionModel:
+        """The network, its EMA and the schedule as a sampling model (shares the weights; one
+        object, so a loaded latent decoder is kept between sample grids)."""
+        if self._sampling_model is None:
+            self._sampling_model = DiffusionModel(self.net, self.ema.module, self.sde, self.space)
+        self._sampling_model.empty_context = getattr(self, "empty_context", None)  # follows .to(device)
+        return self._sampling_model
 
     # --- training -----------------------------------------------------------------------------
 
@@ -99,60 +74,37 @@ class DiffusionModule(pl.LightningModule):
             self.net.to(memory_format=torch.channels_last)
             self.ema.module.to(memory_format=torch.channels_last)
         data = getattr(self.trainer.datamodule, "data", None) if self._trainer is not None else None
-        if self.text_conditional and data is not None:
+        if self.space.text_conditional and data is not None:
             self.empty_context.copy_(torch.as_tensor(data.empty_context, dtype=torch.float32))
 
     def _global_draws(self, step: int, global_batch: int) -> dict[str, Tensor]:
         """Random draws for the whole global batch at ``step``: t (B,), noise (B, C, H, W), flip
         and condition-drop masks (B,), and the latent posterior noise (B, C, H, W)."""
-        g = torch.Generator(device=self.device).manual_seed(step_seed(self.seed, step, _STREAM_TRAIN_NOISE))
+        g = torch.Generator(device=self.device).manual_seed(step_seed(self.seed, step, STREAM_TRAIN_NOISE))
+        shape = (global_batch, *self.space.image_shape)
         t = self.sde.sample_t(global_batch, TRAIN_T_EPS, device=self.device, generator=g)
-        noise = torch.randn((global_batch, *self.image_shape), device=self.device, generator=g)
+        noise = torch.randn(shape, device=self.device, generator=g)
         flip = torch.rand(global_batch, device=self.device, generator=g) < 0.5
         # Drawn after the others, so adding them did not change the draws above.
         drop = torch.rand(global_batch, device=self.device, generator=g)
-        latent_noise = torch.randn((global_batch, *self.image_shape), device=self.device, generator=g) \
-            if self.latent_scale else None
+        latent_noise = torch.randn(shape, device=self.device, generator=g) if self.space.latent_scale else None
         return {"t": t, "noise": noise, "flip": flip, "drop": drop, "latent_noise": latent_noise}
-
-    def _clean_batch(self, batch: dict[str, Tensor], draws: dict[str, Tensor]) -> Tensor:
-        """x0 in model space: pixels in [-1, 1] (flipped when configured), or sampled latents."""
-        if "moments" in batch:
-            return sample_latents(batch["moments"], scale=self.latent_scale, noise=draws["latent_noise"])
-        x0 = batch["images"].float() / 127.5 - 1.0
-        if self.random_flip:
-            x0 = torch.where(draws["flip"][:, None, None, None], x0.flip(-1), x0)
-        return x0
-
-    def _conditioning(self, batch: dict[str, Tensor], drop: Tensor) -> dict[str, Tensor]:
-        if self.num_classes:
-            y = batch["labels"]
-            if self.label_drop_prob:
-                y = torch.where(drop < self.label_drop_prob, torch.full_like(y, self.num_classes), y)
-            return {"y": y}
-        if self.text_conditional:
-            context = batch["context"]
-            if self.text_drop_prob:
-                empty = self.empty_context.to(context.dtype).expand_as(context)
-                context = torch.where((drop < self.text_drop_prob)[:, None, None], empty, context)
-            return {"context": context}
-        return {}
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         step = int(batch["step"])
         local = batch_len(batch)
         world = self.trainer.world_size if self._trainer is not None else 1
         rank = self.trainer.global_rank if self._trainer is not None else 0
-        torch.manual_seed(step_seed(self.seed, step, _STREAM_DROPOUT) + rank)
+        torch.manual_seed(step_seed(self.seed, step, STREAM_DROPOUT) + rank)
 
         draws = {k: None if v is None else v[rank * local:(rank + 1) * local]
                  for k, v in self._global_draws(step, local * world).items()}
-        x0 = self._clean_batch(batch, draws)
+        x0 = self.space.clean_input(batch, draws["flip"], draws["latent_noise"])
         if self.channels_last and x0.is_cuda:
             x0 = x0.contiguous(memory_format=torch.channels_last)
+        cond = self.space.condition(batch, draws["drop"], getattr(self, "empty_context", None))
         # The loss the tests check, with this step's keyed draws of t and the noise.
-        loss = noise_prediction_loss(self.net, x0, self.sde, self._conditioning(batch, draws["drop"]),
-                                     t=draws["t"], noise=draws["noise"])
+        loss = noise_prediction_loss(self.net, x0, self.sde, cond, t=draws["t"], noise=draws["noise"])
 
         self.log("train/loss", loss, prog_bar=True, sync_dist=world > 1)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"] if self._trainer else 0.0)
@@ -181,8 +133,7 @@ class DiffusionModule(pl.LightningModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # Gradients are unscaled (AMP) and all-reduced (DDP) here, so every rank takes the same
         # decision. The norm is taken before clipping: the log shows what the optimizer was given.
-        clip = self.optim.get("grad_clip")
-        max_norm = float(clip) if clip else math.inf
+        max_norm = float(self.grad_clip) if self.grad_clip else math.inf
         norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), max_norm, foreach=True)
         self.log("train/grad_norm", norm)
         loss_finite = getattr(self, "_loss_finite", None)
@@ -207,12 +158,12 @@ class DiffusionModule(pl.LightningModule):
                 p.grad = None
             self.nonfinite_in_row += 1
             self.nonfinite_total += 1
-            limit = int(self.optim.get("max_nonfinite_in_row") or 0)
+            limit = self.max_nonfinite_in_row
             if limit and self.nonfinite_in_row >= limit:
                 raise TrainingDiverged(
                     f"{self.nonfinite_in_row} steps in a row had a non-finite loss or gradient (step "
                     f"{self.global_step}, {self.nonfinite_total} in all); the last checkpoint holds the last "
-                    "good weights. Lower optim.lr, set optim.grad_clip, or try a smaller scaling.kappa"
+                    "good weights. Lower optim.lr, set train.grad_clip, or try a smaller scaling.kappa"
                 )
         self.log("train/nonfinite_skipped", float(self.nonfinite_total))
 
@@ -241,94 +192,10 @@ class DiffusionModule(pl.LightningModule):
         self.overflow_total = int(counts.get("overflow", 0))
 
     def configure_optimizers(self):
-        o = self.optim
-        # fused: one kernel for the whole update (CUDA by default; `optim.fused=true` elsewhere).
-        fused = o.get("fused")
-        fused = self.device.type == "cuda" if fused is None else bool(fused)
-        optimizer = torch.optim.AdamW(self.net.parameters(), lr=float(o["lr"]), betas=tuple(o["betas"]),
-                                      weight_decay=float(o["weight_decay"]), fused=fused or None)
-        warmup = int(o.get("warmup_steps", 0))
+        # fused AdamW (one kernel for the whole update) on CUDA unless the config says otherwise
+        fused = getattr(self.optimizer_factory, "keywords", {}).get("fused")
+        extra = {"fused": True} if fused is None and self.device.type == "cuda" else {}
+        optimizer = self.optimizer_factory(self.net.parameters(), **extra)
+        warmup = self.warmup_steps
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_constant(s, warmup))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    # --- sampling -----------------------------------------------------------------------------
-
-    def _guided_predictor(self, net, labels: Tensor | None, contexts: Tensor | None, guidance_scale: float):
-        if labels is not None:
-            cond = {"y": labels}
-            null = {"y": torch.full_like(labels, self.num_classes)} if guidance_scale else None
-            if guidance_scale and not self.label_drop_prob:
-                raise ConfigError("guidance needs a model trained with label dropout (dataset.label_drop_prob > 0)")
-        elif contexts is not None:
-            cond = {"context": contexts}
-            null = {"context": self.empty_context.to(contexts.dtype).expand_as(contexts)} if guidance_scale else None
-        else:
-            if guidance_scale:
-                raise ConfigError("guidance needs a conditional model")
-            cond, null = {}, None
-        return NoisePredictor(net, cond, null, guidance_scale=guidance_scale,
-                              time_input_scale=self.sde.time_input_scale)
-
-    def set_decoder(self, name: str | None, subfolder: str | None = None) -> None:
-        """Decode latents with another autoencoder (a diffusers folder or hub id) from now on."""
-        self.decoder_name, self.decoder_subfolder, self._decoder = name, subfolder, None
-
-    def decode(self, x: Tensor) -> Tensor:
-        """Model-space samples -> uint8 pixels (N, 3 or C, H, W). Latents go through the
-        configured autoencoder (``dataset.decoder``); without one, the first three latent
-        channels are shown as a preview."""
-        if self.latent_scale is None:
-            return to_uint8(x)
-        if self.decoder_name:
-            if self._decoder is None:
-                # not a registered submodule: checkpoints must not carry the frozen autoencoder
-                object.__setattr__(self, "_decoder", load_latent_decoder(self.decoder_name, self.device,
-                                                                         self.decoder_subfolder))
-            with torch.autocast(self.device.type, enabled=False):
-                pixels = self._decoder.decode(x.float() / self.latent_scale).sample
-            return to_uint8(pixels)
-        return to_uint8(x[:, :3] / (4 * self.latent_scale))
-
-    @torch.no_grad()
-    def generate(self, num: int, sampler: str = "euler_ode", steps: int = 50, seed: int = 0,
-                 use_ema: bool = True, labels: Tensor | None = None, contexts: Tensor | None = None,
-                 guidance_scale: float = 0.0, batch_size: int | None = None, progress: bool = False) -> Tensor:
-        """``num`` samples as uint8 pixels (num, C, H, W); the same ``seed`` gives the same samples.
-
-        Class-conditional models cycle through the classes unless ``labels`` (num,) are given;
-        text-conditional models need ``contexts`` (num, tokens, dim). ``guidance_scale`` w > 0
-        applies classifier-free guidance, eps = (1 + w) eps(cond) - w eps(null).
-        """
-        net = self.ema.module if use_ema else self.net
-        if self.num_classes and labels is None:
-            labels = torch.arange(num, device=self.device) % self.num_classes
-        if self.text_conditional and contexts is None:
-            raise ConfigError("a text-conditional model samples from caption embeddings: pass contexts")
-        g = torch.Generator(device=self.device).manual_seed(seed)
-        out = []
-        batch_size = batch_size or num
-        with eval_mode(net):
-            for lo in range(0, num, batch_size):
-                n = min(batch_size, num - lo)
-                part_y = None if labels is None else labels[lo:lo + n].to(self.device)
-                part_c = None if contexts is None else contexts[lo:lo + n].to(self.device)
-                eps_fn = self._guided_predictor(net, part_y, part_c, guidance_scale)
-                x = sample(eps_fn, self.sde, (n, *self.image_shape), sampler=sampler, steps=steps,
-                           generator=g, device=self.device, progress=progress)
-                out.append(self.decode(x).cpu())
-        return torch.cat(out)
-
-
-def load_latent_decoder(name: str, device: torch.device, subfolder: str | None = None):
-    """The Stable Diffusion autoencoder (diffusers ``AutoencoderKL``) from a path or hub id
-    (``subfolder`` "vae" for a whole Stable Diffusion repository)."""
-    try:
-        from diffusers import AutoencoderKL
-    except ImportError:
-        raise ConfigError("dataset.decoder needs diffusers: pip install diffusers") from None
-    try:
-        kwargs = {"subfolder": subfolder} if subfolder else {}
-        return AutoencoderKL.from_pretrained(name, **kwargs).to(device).eval().requires_grad_(False)
-    except Exception as err:
-        raise ConfigError(f"cannot load the autoencoder {name!r} ({type(err).__name__}: {err}); "
-                          "give dataset.decoder a local diffusers folder or a hub id reachable from here") from None

@@ -1,37 +1,6 @@
-"""Training-stability measurements of the ScaleLong paper (method.md section 6), as one callback.
-
-``StabilityMonitor`` logs, on measurement steps only:
-
-- ``features/<block>`` and ``features/<block>_std``: batch mean and std of the per-sample
-  Frobenius norm of every backbone block's output (U-ViT: ``in_00``.., ``mid``, ``out_00``..;
-  UNet: the N encoder modules whose outputs feed the LSCs, the middle block, the decoder blocks);
-- ``skips/lsc{i}_before`` and ``skips/lsc{i}_after``: batch mean of the per-sample norm of the
-  skip of LSC i before and after the scaling strategy;
-- ``grads/total`` and ``grads/<block>``: L2 norm of the gradients (after AMP unscaling, before
-  clipping) of the whole network and of each block's parameters;
-- ``loss/rolling_mean`` and ``loss/rolling_std``: of the training loss over the last
-  ``loss_window`` steps (logged once the window is full; non-finite losses left out);
-- every ``robustness_every_n_steps``: ``robustness/t{t}``, the mean over a fixed probe batch of
-  ||f(x_t + d) - f(x_t)|| / ||d|| for a fixed small random d, raw network, eval mode, float32
-  (the probe: ``probe_size`` training items drawn once with ``probe_seed``, made into model
-  inputs as training does, without flips or condition dropout);
-- once at train start, for constant-coefficient strategies (``none``, ``sqrt2``, ``constant``):
-  ``theory/sum_kappa2_lsc{i}`` = sum over j >= i of kappa_j^2, also written to a JSON file in
-  the run folder.
-
-Naming: ``in_{k}`` produces the skip of LSC k+1 and ``out_{k}`` consumes LSC N-k, on both
-backbones, so ``in_00`` and the last ``out`` block are the outermost pair.
-
-The LSC coefficients themselves (mean and spread per LSC) are logged by ``DiffusionModule`` as
-``scaling/lsc{i}`` and ``scaling/lsc{i}_std``; this callback does not log them again.
-
-Metrics go straight to the trainer's loggers (CSV, W&B) at the step of the batch they describe,
-the same step Lightning gives that batch's ``train/loss``, whatever ``log_every_n_steps`` is.
-A ``torch.compile``-d backbone runs eagerly on measured steps and probes (compiled graphs
-ignore hooks added later); every other step keeps the compiled graph.
-Measurements happen on global rank 0 only; in DDP, feature norms describe rank 0's share of the
-batch (gradients are all-reduced already).
-"""
+"""The training-stability measurements of the ScaleLong paper (method.md section 6) as one callback:
+feature, skip and gradient norms, the loss's rolling spread, robustness to a perturbed input and
+the theory's sums of kappa^2. Keys and timing: ``docs/design.md``, "Stability measurements"."""
 
 from __future__ import annotations
 
@@ -48,10 +17,9 @@ import torch
 from torch import Tensor, nn
 
 from scalelong.data import BatchRequest, batch_len
-from scalelong.io import write_text
-from scalelong.models import UNet, UViT
+from scalelong.utils.io import write_text
 from scalelong.scaling import ConstantCoefficients, SkipScaling
-from scalelong.training.module import eval_mode
+from scalelong.model import eval_mode
 
 __all__ = [
     "StabilityMonitor",
@@ -121,24 +89,9 @@ def theory_summary(strategy: SkipScaling) -> dict[str, Any] | None:
 
 
 def named_blocks(net: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The blocks whose outputs and gradients are measured, in execution order.
-
-    U-ViT: ``in_00``.. (in blocks), ``mid``, ``out_00``.. (out blocks). UNet: ``in_00``.. are
-    ``encoder_skip_modules()`` (stem, residual blocks, downsamples; ``in_{i-1}`` feeds LSC i),
-    ``mid``, and ``out_00``.. the decoder blocks (``out_k`` consumes LSC N-k). A backbone may
-    define ``stability_blocks()`` returning such a list itself.
-    """
-    if hasattr(net, "stability_blocks"):
-        return list(net.stability_blocks())
-    if isinstance(net, UViT):
-        enc, mid, dec = list(net.in_blocks), net.mid_block, list(net.out_blocks)
-    elif isinstance(net, UNet):
-        enc, mid = net.encoder_skip_modules(), net.mid
-        dec = net.decoder_merge_blocks()[::-1]  # execution order: the deepest LSC first
-    else:
-        return []
-    return ([(f"in_{k:02d}", m) for k, m in enumerate(enc)] + [("mid", mid)]
-            + [(f"out_{k:02d}", m) for k, m in enumerate(dec)])
+    """The blocks whose outputs and gradients are measured, in execution order: the backbone's
+    ``stability_blocks()`` (``in_00``.., ``mid``, ``out_00``..), or none for one without it."""
+    return list(net.stability_blocks()) if hasattr(net, "stability_blocks") else []
 
 
 def block_grad_norms(blocks: Sequence[tuple[str, Sequence[nn.Parameter]]]) -> dict[str, Tensor]:
@@ -315,11 +268,10 @@ class StabilityMonitor(pl.Callback):
         """Clean model-space inputs x0 (n, C, H, W) and the network's conditioning, as in training
         but with no flip and no condition dropout (pixels, latents, labels or text alike)."""
         batch = {k: v.to(pl_module.device) if isinstance(v, Tensor) else v for k, v in batch.items()}
-        n = batch_len(batch)
-        draws = {"flip": torch.zeros(n, dtype=torch.bool, device=pl_module.device),
-                 "drop": torch.ones(n, device=pl_module.device),  # never below a drop probability
-                 "latent_noise": torch.randn((n, *pl_module.image_shape), generator=g).to(pl_module.device)}
-        return pl_module._clean_batch(batch, draws), pl_module._conditioning(batch, draws["drop"])
+        n, space = batch_len(batch), pl_module.space
+        latent_noise = torch.randn((n, *space.image_shape), generator=g).to(pl_module.device)
+        # no flip, no condition dropout
+        return space.clean_input(batch, None, latent_noise), space.condition(batch, None)
 
     def _log_theory(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         strategy = getattr(pl_module.net, "skip_scaling", None)

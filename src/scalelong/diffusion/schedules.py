@@ -1,26 +1,14 @@
-"""Continuous-time VP-SDE noise schedules, the noise-prediction loss and the guided noise predictor.
-
-Conventions (the official U-ViT ones):
-
-* time ``t`` is continuous in ``[t_min, T]`` with ``T = sde.T`` (1 for the linear schedule, a little
-  below 1 for the cosine one; ``t_min`` is 0 except for a discrete schedule); the network sees
-  ``t * sde.time_input_scale`` as its ``timesteps`` argument (999, or N for a discrete schedule);
-* the forward marginal is ``x_t = alpha_t * x_0 + sigma_t * eps`` with ``alpha_t**2 + sigma_t**2 = 1``;
-* the network predicts ``eps`` (noise prediction);
-* ``lambda_t = log(alpha_t / sigma_t)`` is the half log-SNR that DPM-Solver steps in.
-
-All schedule methods take ``t`` as a float tensor of any shape (or a Python float) and return a
-tensor of the same shape and dtype (a float ``t`` gives a float64 0-d tensor).
-"""
+"""Variance-preserving noise schedules: the continuous VP-SDE (linear, cosine) and Stable Diffusion's
+discrete one. x_t = alpha_t x_0 + sigma_t eps; the network sees t * ``time_input_scale``; see
+``docs/design.md`` for the conventions."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from typing import Any, Callable
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 __all__ = [
     "VPSchedule",
@@ -32,8 +20,6 @@ __all__ = [
     "register_sde",
     "TIME_INPUT_SCALE",
     "TRAIN_T_EPS",
-    "noise_prediction_loss",
-    "NoisePredictor",
     "EpsFn",
 ]
 
@@ -284,124 +270,3 @@ def get_sde(name: str = "linear", **kwargs: Any) -> VPSchedule:
     if name not in SDES:
         raise KeyError(f"unknown schedule {name!r}; known: {sorted(SDES)}")
     return SDES[name](**kwargs)
-
-
-def noise_prediction_loss(
-    net: Callable[..., Tensor],
-    x0: Tensor,
-    sde: VPSchedule,
-    cond_kwargs: Mapping[str, Any] | None = None,
-    *,
-    t_eps: float = TRAIN_T_EPS,
-    generator: torch.Generator | None = None,
-    t: Tensor | None = None,
-    noise: Tensor | None = None,
-    return_per_sample: bool = False,
-) -> Tensor | tuple[Tensor, Tensor, Tensor]:
-    """The simple epsilon-prediction loss (official U-ViT ``LSimple`` with ``pred='noise_pred'``).
-
-    Draws t with ``sde.sample_t`` (U(t_eps, T), or n / N for a discrete schedule) and eps ~ N(0, I)
-    per sample unless given, forms x_t = alpha_t x0 + sigma_t eps and calls
-    ``net(x_t, t * sde.time_input_scale, **cond_kwargs)``. U-ViT takes the mean of squares per
-    sample and then the batch mean, which equals the plain mean over all elements returned here.
-    Training calls it with its own keyed draws (``t``, ``noise``).
-
-    Args:
-        net: the backbone, ``net(x, timesteps, **cond) -> eps_pred`` shaped like x.
-        x0: clean data, (B, ...).
-        sde: the noise schedule.
-        cond_kwargs: extra keyword arguments for ``net`` (e.g. ``y`` labels, ``context``).
-        t_eps: lower end of the training time range (continuous schedules).
-        generator: optional generator for t and eps (must live on x0's device).
-        t: the times (B,) to use instead of drawing them.
-        noise: the noise (like x0) to use instead of drawing it.
-        return_per_sample: also return the per-sample losses (B,) and the times t (B,).
-
-    Returns:
-        The scalar loss (0-d tensor, float32 or wider), or ``(loss, per_sample_loss, t)``.
-    """
-    batch = x0.shape[0]
-    if t is None:
-        # t stays float32 (float64 for float64 data) even for half-precision x0, to keep its resolution.
-        t_dtype = torch.float64 if x0.dtype == torch.float64 else torch.float32
-        t = sde.sample_t(batch, eps=t_eps, device=x0.device, dtype=t_dtype, generator=generator)
-    if noise is None:
-        noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
-    x_t = sde.marginal(x0, t, noise)
-    eps_pred = net(x_t, t * sde.time_input_scale, **dict(cond_kwargs or {}))
-    # float32 at least: a bf16/fp16 network output is compared with the noise in full precision
-    wide = torch.promote_types(eps_pred.dtype, torch.float32)
-    per_sample = (eps_pred.to(wide) - noise.to(wide)).pow(2).flatten(1).mean(dim=1)
-    loss = per_sample.mean()
-    if return_per_sample:
-        return loss, per_sample, t
-    return loss
-
-
-def _concat_cond(cond: Mapping[str, Any], null_cond: Mapping[str, Any]) -> dict[str, Any]:
-    """Stack the conditional and null keyword arguments along the batch (tensors) for one 2B call."""
-    if set(cond) != set(null_cond):
-        raise ValueError(
-            f"cond_kwargs and null_cond_kwargs need the same keys, got {sorted(cond)} and {sorted(null_cond)}"
-        )
-    merged: dict[str, Any] = {}
-    for key, value in cond.items():
-        null_value = null_cond[key]
-        if isinstance(value, Tensor) and isinstance(null_value, Tensor):
-            merged[key] = torch.cat([value, null_value.to(device=value.device, dtype=value.dtype)], dim=0)
-        elif value is None and null_value is None:
-            merged[key] = None
-        else:
-            raise TypeError(f"cannot batch cond argument {key!r} of type {type(value).__name__}")
-    return merged
-
-
-class NoisePredictor(nn.Module):
-    """Turns a backbone into ``eps_fn(x, t)`` for the samplers, with optional classifier-free guidance.
-
-    ``eps_fn(x, t) = (1 + w) * net(x, s t, **cond) - w * net(x, s t, **null_cond)``, s the time input scale
-    (U-ViT convention: ``guidance_scale`` w = 0 means no guidance). With w != 0 both branches run
-    in one forward pass of batch 2B.
-
-    Args:
-        net: the backbone, ``net(x, timesteps, **cond) -> eps``.
-        cond_kwargs: conditioning for the batch being sampled, e.g. ``{"y": labels (B,)}`` or
-            ``{"context": text_emb (B, L, D)}``; tensors must have batch size B.
-        null_cond_kwargs: the "no condition" counterpart with the same keys and batch size, e.g.
-            ``{"y": torch.full((B,), num_classes)}`` for U-ViT's null class token, or the empty
-            prompt's embedding repeated B times. Required when ``guidance_scale != 0``.
-        guidance_scale: w >= 0.
-        time_input_scale: the network sees t times this (``sde.time_input_scale``).
-    """
-
-    def __init__(
-        self,
-        net: Callable[..., Tensor],
-        cond_kwargs: Mapping[str, Any] | None = None,
-        null_cond_kwargs: Mapping[str, Any] | None = None,
-        guidance_scale: float = 0.0,
-        time_input_scale: float = TIME_INPUT_SCALE,
-    ):
-        super().__init__()
-        self.net = net
-        self.time_input_scale = float(time_input_scale)
-        self.cond_kwargs = dict(cond_kwargs or {})
-        self.null_cond_kwargs = None if null_cond_kwargs is None else dict(null_cond_kwargs)
-        self.guidance_scale = float(guidance_scale)
-        if self.guidance_scale != 0.0 and self.null_cond_kwargs is None:
-            raise ValueError("classifier-free guidance (guidance_scale != 0) needs null_cond_kwargs")
-
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        """x: (B, ...) noisy input; t: (B,) continuous time in [0, T]. Returns eps, shaped like x."""
-        if t.dim() == 0:
-            t = t.expand(x.shape[0])
-        # t keeps its own (float32) dtype: 999 * t in bf16 would lose the time resolution.
-        timesteps = t * self.time_input_scale
-        w = self.guidance_scale
-        if w == 0.0:
-            return self.net(x, timesteps, **self.cond_kwargs)
-        assert self.null_cond_kwargs is not None
-        both = _concat_cond(self.cond_kwargs, self.null_cond_kwargs)
-        eps_both = self.net(torch.cat([x, x], dim=0), torch.cat([timesteps, timesteps], dim=0), **both)
-        eps_cond, eps_uncond = eps_both.chunk(2, dim=0)
-        return (1.0 + w) * eps_cond - w * eps_uncond

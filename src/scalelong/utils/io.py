@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from scalelong.errors import ConfigError, OutputError
+from scalelong.utils.errors import ConfigError, OutputError
 
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
 _NO_PERMISSION = {errno.EACCES, errno.EPERM, errno.EROFS}

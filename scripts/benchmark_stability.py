@@ -1,6 +1,6 @@
 """What ``StabilityMonitor`` costs: the same short training with and without it, in one process.
 
-    python -m scalelong.training.stability_overhead --steps 501 [hydra overrides ...]
+    python scripts/benchmark_stability.py --steps 501 [hydra overrides ...]
 
 With no overrides this is the quickstart (digits, tiny UNet, batch 64) at the intervals of
 ``conf/callbacks/stability.yaml``; e.g. ``model=uvit callbacks.stability.every_n_steps=10`` for
@@ -27,7 +27,7 @@ import pytorch_lightning as pl
 
 from scalelong.training.stability import StabilityMonitor
 
-CONF_DIR = Path(__file__).resolve().parents[3] / "conf"
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
 class StepTimer(pl.Callback):
@@ -103,7 +103,7 @@ class TimedStabilityMonitor(StabilityMonitor):
 
 
 def _run(config: dict[str, Any], run_dir: Path, monitor: dict[str, Any] | None) -> tuple[StepTimer, Any]:
-    from scalelong.run import train
+    from scalelong.cli.train import train
 
     config = {**config, "run_dir": str(run_dir), "callbacks": {"timer": {"_target_": f"{__name__}.StepTimer"}}}
     if monitor is not None:

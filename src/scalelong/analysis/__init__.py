@@ -1,0 +1,1 @@
+"""Reading finished runs back: the stability report and the multi-seed study."""

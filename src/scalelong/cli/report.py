@@ -1,0 +1,36 @@
+"""``scalelong-report`` / ``python scripts/report.py``: the stability report (report.md and PNG plots)
+over finished or running training runs, from their local files only."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from scalelong.analysis.report import write_report
+from scalelong.utils.errors import ConfigError
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Stability report (report.md + PNG plots) over training runs.")
+    parser.add_argument("paths", nargs="+", help="a multirun folder (one subfolder per job) or run folders")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output folder (default: <path>/report for one path, ./report for several)")
+    parser.add_argument("--target-fid", type=float, default=None,
+                        help="FID to reach (default: the best FID of the `none` run of each model group)")
+    parser.add_argument("--smooth", type=int, default=1, help="moving-average window for the plotted lines")
+    args = parser.parse_args(argv)
+    out = args.out or (Path(args.paths[0]) / "report" if len(args.paths) == 1 else Path("report"))
+    from scalelong.cli import fail
+
+    try:
+        path = write_report(args.paths, out, args.target_fid, args.smooth)
+    except ConfigError as err:  # no runs, a full disk or an unwritable --out: one line, finished files intact
+        fail(str(err))
+    print(f"report: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

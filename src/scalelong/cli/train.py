@@ -1,0 +1,286 @@
+"""``python train.py`` / ``scalelong-train``: compose the configuration (Hydra), check it, build
+every part from its own config node and train. The only place that sees the whole configuration."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from scalelong.cli import JobFailed, _remove_if_untouched, check_output_folder, fail
+from scalelong.config import conf_dir, resolve_resume, to_plain, world_size
+from scalelong.utils.errors import ConfigError, TrainingDiverged
+from scalelong.utils.io import write_text
+
+
+def main() -> int:
+    """The command-line entry point: ``scalelong-train [group=option ...] [key=value ...]``."""
+    import hydra
+
+    check_output_folder(sys.argv[1:])
+    try:
+        config_path = str(conf_dir())
+    except ConfigError as err:
+        fail(str(err))
+    hydra_main = hydra.main(version_base="1.3", config_path=config_path, config_name="train")(run_training)
+    return hydra_main()
+
+
+def check_before_start(config: Mapping[str, Any]) -> None:
+    """Checks that fail fast with one readable line, before anything is built or written."""
+    from scalelong.build import build_strategy
+    from scalelong.data.sampler import check_global_batch
+
+    build_strategy(config["scaling"])  # an unknown strategy, option or a bad kappa
+    check_global_batch(int(config["train"]["batch_size"]), world_size(config["trainer"]))
+    if int(config["train"]["max_steps"]) < 1:
+        raise ConfigError(f"train.max_steps must be at least 1, got {config['train']['max_steps']}")
+
+
+def _sweep_job_needs_own_processes(config: dict) -> bool:
+    """True for a job of a local multirun sweep that trains on several processes.
+
+    Lightning starts ranks 1..W-1 by re-running the command line; inside a sweep that command
+    line is the whole sweep, so each extra rank would run every job. Such a job therefore runs
+    as a fresh single-run process of its own (whose extra ranks re-run just that job), and the
+    sweep only waits for it: a failing or crashing job ends its own processes, not the sweep.
+    Jobs that a cluster launcher already started (SLURM, torchrun) are left alone.
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hc = HydraConfig.get()
+    if hc.mode != RunMode.MULTIRUN or world_size(config["trainer"]) <= 1:
+        return False
+    launched_externally = any(v in os.environ for v in ("SLURM_PROCID", "TORCHELASTIC_RUN_ID", "LOCAL_RANK"))
+    return not launched_externally and "BasicLauncher" in str(hc.launcher.get("_target_", ""))
+
+
+def _run_job_in_own_process() -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    hc = HydraConfig.get()
+    job_dir = hc.runtime.output_dir
+    # The job's own overrides (this point of the sweep), in single-run mode, in the job's folder.
+    command = [sys.executable, os.path.abspath(sys.argv[0]), *hc.overrides.task,
+               f'hydra.run.dir="{job_dir}"', "hydra.output_subdir=null"]
+    code = subprocess.call(command, cwd=hc.runtime.cwd)
+    if code != 0:
+        raise JobFailed(f"job {hc.job.num} ({', '.join(hc.overrides.task)}) exited with status {code}; "
+                        f"see {job_dir}")
+    metrics_file = Path(job_dir) / "metrics.json"
+    return json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+
+
+def _optimized_value(config: dict, metrics: dict) -> float | None:
+    """The value a sweeper minimises, when ``optimized_metric`` is set."""
+    name = config.get("optimized_metric")
+    if not name:
+        return None
+    if name not in metrics:
+        raise JobFailed(f"optimized_metric {name!r} was not logged; logged metrics: {', '.join(sorted(metrics))}")
+    return float(metrics[name])
+
+
+def _in_multirun() -> bool:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        return HydraConfig.get().mode == RunMode.MULTIRUN
+    except Exception:
+        return False
+
+
+def _config_error(err: ConfigError, run_dir: Path | None) -> None:
+    if run_dir is not None:
+        _remove_if_untouched(run_dir)
+    if _in_multirun():  # let the sweep go on with its other jobs
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        raise JobFailed(str(err)) from None
+    fail(str(err))
+
+
+def run_training(cfg: DictConfig) -> Any:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
+    except Exception:  # called outside Hydra
+        run_dir = None
+    try:
+        config = to_plain(cfg)
+        check_before_start(config)  # before the slow imports: bad input costs a second
+        resolve_resume(config)
+    except ConfigError as err:
+        _config_error(err, run_dir)
+    if _sweep_job_needs_own_processes(config):
+        return _optimized_value(config, _run_job_in_own_process())
+
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+    try:
+        result = train(config)
+    except SIGTERMException:
+        print(f"stopped by a signal; checkpoint saved to {run_dir}/checkpoints/last.ckpt. Run the same "
+              f"command again (it resumes in the same folder) or pass resume={run_dir}", file=sys.stderr, flush=True)
+        raise SystemExit(0) from None
+    except TrainingDiverged as err:
+        fail(str(err), code=3)
+    except ConfigError as err:
+        _config_error(err, run_dir)
+    if result["trainer"].is_global_zero:
+        print(f"run folder: {result['run_dir']}")
+    return _optimized_value(config, result["metrics"])
+
+
+# --- the composition root ---------------------------------------------------------------------
+
+
+def train(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
+    """Train as ``cfg`` says; return the run folder, the last checkpoint, the final metrics, the
+    trainer and the module. Every part is built here from its own config node."""
+    import torch
+    from hydra.utils import instantiate
+
+    from scalelong.build import build_network, build_schedule, build_space
+    from scalelong.data.module import DiffusionDataModule
+    from scalelong.training.callbacks import ConfigInCheckpoints, PeriodicCheckpoint, ProgressPrinter, SampleGrid
+    from scalelong.training.module import DiffusionModule
+
+    config = to_plain(cfg)
+    check_before_start(config)
+    ckpt_path = resolve_resume(config)
+    run_dir = Path(config["resume"] or config["run_dir"])
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    torch.manual_seed(int(config["seed"]))  # the initial weights
+    data_cfg, model_cfg, t = config["dataset"], config["model"], config["train"]
+    module = DiffusionModule(
+        build_network(model_cfg, config["scaling"], data_cfg), build_schedule(config["diffusion"]),
+        build_space(data_cfg), instantiate(config["optim"]), ema_decay=config["ema"]["decay"],
+        warmup_steps=t.get("warmup_steps", 0), grad_clip=t.get("grad_clip"),
+        max_nonfinite_in_row=t.get("max_nonfinite_in_row", 20), seed=config["seed"],
+        channels_last=model_cfg.get("channels_last", False), compile=model_cfg.get("compile", False))
+    data = DiffusionDataModule(data_cfg, int(t["batch_size"]), int(config["seed"]), num_workers=int(t.get("num_workers", 0)))
+    s, c = config["sample"], config["checkpoint"]
+    checkpoints = PeriodicCheckpoint(run_dir / "checkpoints", c["every_n_steps"], c.get("keep_every_n_steps"))
+    grids = SampleGrid(run_dir / "samples", s["every_n_steps"], s["num"], s["sampler"], s["steps"], s["seed"],
+                       s.get("guidance_scale", 0.0))
+    callbacks = [ProgressPrinter(config["trainer"].get("log_every_n_steps", 50)), grids, checkpoints,
+                 ConfigInCheckpoints(config),
+                 *[instantiate(spec) for spec in (config.get("callbacks") or {}).values() if spec]]
+    trainer = build_trainer(config["trainer"], int(t["max_steps"]), build_loggers(config, run_dir), callbacks, run_dir)
+    if trainer.is_global_zero:
+        write_text(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(config)))
+
+    with warnings.catch_warnings():
+        if _only_the_ema_copy_in_eval_mode(module):
+            # EMA.train keeps the average in eval mode on purpose; Lightning would count its
+            # modules and warn that they are "in eval mode at the start of training".
+            warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
+
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    quick = config.get("quick_eval")
+    if quick and trainer.is_global_zero:
+        metrics.update(_quick_eval(module, data, int(quick["num"]), s["sampler"], int(s["steps"]), run_dir))
+    if trainer.is_global_zero:  # what a sweeper (or a script) reads back
+        write_text(run_dir / "metrics.json", json.dumps({"step": trainer.global_step, **metrics}, indent=2) + "\n")
+    for logger in trainer.loggers:
+        logger.finalize("success")
+    return {"run_dir": run_dir, "checkpoint": checkpoints.last_path, "samples": grids.last_path,
+            "metrics": metrics, "trainer": trainer, "module": module}
+
+
+def build_module(config: Mapping[str, Any]):
+    """The ``DiffusionModule`` of a run: network (``model`` + ``scaling``), schedule (``diffusion``),
+    data space (``dataset``), optimizer (``optim``) and the step settings (``train``, ``ema``);
+    initial weights from ``seed``."""
+    import torch
+    from hydra.utils import instantiate
+
+    from scalelong.build import build_network, build_schedule, build_space
+    from scalelong.training.module import DiffusionModule
+
+    torch.manual_seed(int(config["seed"]))
+    data_cfg, model_cfg, t = config["dataset"], config["model"], config["train"]
+    return DiffusionModule(
+        build_network(model_cfg, config["scaling"], data_cfg), build_schedule(config["diffusion"]),
+        build_space(data_cfg), instantiate(config["optim"]), ema_decay=config["ema"]["decay"],
+        warmup_steps=t.get("warmup_steps", 0), grad_clip=t.get("grad_clip"),
+        max_nonfinite_in_row=t.get("max_nonfinite_in_row", 20), seed=config["seed"],
+        channels_last=model_cfg.get("channels_last", False), compile=model_cfg.get("compile", False))
+
+
+def build_loggers(config: Mapping[str, Any], run_dir: Path) -> list:
+    """The ``logger`` group's loggers (``csv``, ``wandb``), writing into the run folder."""
+    from hydra.utils import instantiate
+
+    spec = config.get("logger") or {}
+    loggers = []
+    if spec.get("csv"):
+        loggers.append(instantiate(spec["csv"], save_dir=str(run_dir)))
+    if spec.get("wandb"):
+        logger = instantiate(spec["wandb"], save_dir=str(run_dir), name=run_dir.name, run_config=config,
+                             _recursive_=False)
+        if logger is not None:
+            loggers.append(logger)
+    return loggers
+
+
+def build_trainer(trainer_cfg: Mapping[str, Any], max_steps: int, loggers: list, callbacks: list, run_dir: Path):
+    """The ``trainer`` group's ``pytorch_lightning.Trainer``, with what every run fixes."""
+    from hydra.utils import instantiate
+
+    from scalelong.training.checkpoint_io import AtomicCheckpointIO
+
+    t = dict(trainer_cfg)
+    precision = str(t.pop("precision", "32-true"))
+    plugins: list = [AtomicCheckpointIO()]
+    if precision in ("16-mixed", "16") and t.get("accelerator") == "cpu":
+        # Lightning would quietly switch fp16 AMP on the CPU to bf16; torch runs it, so the
+        # paper's precision (and its loss scaler) can be tried and tested on the CPU as asked.
+        from pytorch_lightning.plugins.precision import MixedPrecision
+
+        plugins.append(MixedPrecision("16-mixed", "cpu"))
+        precision = None
+    return instantiate(
+        t, precision=precision, max_steps=max_steps, max_epochs=-1, logger=loggers or False,
+        callbacks=callbacks, plugins=plugins, default_root_dir=str(run_dir),
+        enable_checkpointing=False,  # PeriodicCheckpoint does it
+        enable_progress_bar=False,  # ProgressPrinter does it
+        use_distributed_sampler=False,  # StepBatchSampler shards the data itself
+        limit_val_batches=0, num_sanity_val_steps=0)
+
+
+def _quick_eval(module, data, num: int, sampler: str, steps: int, run_dir: Path) -> dict[str, float]:
+    """KID and FID on a CPU-sized count at the end of a short run (the quickstart); written to
+    quick_eval.json. Missing Inception weights skip it with a note: the run itself succeeded."""
+    from scalelong.metrics.evaluation import nan_to_none, quick_kid_fid
+    from scalelong.utils.errors import DataError
+
+    try:
+        result = quick_kid_fid(module.model, data.data, num=num, sampler=sampler, steps=steps)
+    except DataError as err:
+        print(f"KID/FID skipped: {err}", flush=True)
+        return {}
+    write_text(run_dir / "quick_eval.json", json.dumps({k: nan_to_none(v) for k, v in result.items()}, indent=2,
+                                                       default=str) + "\n")
+    return {"eval/quick_kid": float(result["kid"]), "eval/quick_fid": float(result["fid"])}
+
+
+def _only_the_ema_copy_in_eval_mode(module) -> bool:
+    ema = {id(m) for m in module.ema.modules()}
+    return all(m.training or id(m) in ema for m in module.modules())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""Extending the framework from outside the repository, as the README shows: a strategy class and a
+backbone class in the user's own module, one YAML each in the user's config folder (added with
+hydra.searchpath). They train, sweep and appear in the report under their own names."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT
+
+MODULE = '''
+import torch
+from torch import nn
+
+from scalelong.scaling import ConstantCoefficients, build_skip_scaling
+
+
+class HalfScaling(ConstantCoefficients):
+    """Every long skip times ``factor``."""
+
+    paper_name = "half-CS"
+
+    def __init__(self, factor: float = 0.5):
+        super().__init__()
+        self.factor = float(factor)
+
+    def coefficient(self, index):
+        return self.factor
+
+
+class TinyNet(nn.Module):
+    """Two conv levels joined by two long skips (LSC 1 the outer one)."""
+
+    def __init__(self, img_size: int, in_chans: int, width: int = 8, scaling=None):
+        super().__init__()
+        self.inp = nn.Conv2d(in_chans, width, 3, padding=1)
+        self.down = nn.Conv2d(width, width, 3, stride=2, padding=1)
+        self.time = nn.Linear(1, width)
+        self.up = nn.ConvTranspose2d(2 * width, width, 2, stride=2)
+        self.out = nn.Conv2d(2 * width, in_chans, 3, padding=1)
+        self.skip_scaling = build_skip_scaling(scaling)
+        self.skip_scaling.setup([(width, img_size, img_size), (width, img_size // 2, img_size // 2)], "channels")
+
+    def forward(self, x, timesteps, y=None):
+        h1 = torch.relu(self.inp(x) + self.time(timesteps[:, None] / 1000)[:, :, None, None])
+        h2 = torch.relu(self.down(h1))
+        d, s = self.skip_scaling.merge(h2, h2, 2)
+        d = torch.relu(self.up(torch.cat([d, s], 1)))
+        d, s = self.skip_scaling.merge(d, h1, 1)
+        return self.out(torch.cat([d, s], 1))
+'''
+
+
+@pytest.fixture(scope="module")
+def extension(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("user_project")
+    (root / "my_ext.py").write_text(textwrap.dedent(MODULE))
+    (root / "conf" / "scaling").mkdir(parents=True)
+    (root / "conf" / "model").mkdir(parents=True)
+    (root / "conf" / "scaling" / "half.yaml").write_text("_target_: my_ext.HalfScaling\nname: half\nfactor: 0.5\n")
+    (root / "conf" / "model" / "tinynet.yaml").write_text(
+        "_target_: my_ext.TinyNet\nimg_size: ${dataset.image_size}\nin_chans: ${dataset.channels}\nwidth: 8\n")
+    return root
+
+
+def run(cwd: Path, extension: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(extension), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_a_strategy_and_a_backbone_from_outside_train_sweep_and_report(tmp_path, extension):
+    searchpath = f"hydra.searchpath=[file://{extension / 'conf'}]"
+    sweep = tmp_path / "sweep"
+    # A sweep over a built-in strategy and the user's, on the user's backbone, 2 steps each.
+    proc = run(tmp_path, extension, str(ROOT / "train.py"), "-m", searchpath, "model=tinynet", "scaling=none,half",
+               "experiment=smoke", "logger=csv", "train.max_steps=2", f"hydra.sweep.dir={sweep}",
+               "hydra.sweep.subdir=${hydra.job.num}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    config = (sweep / "1" / "config.yaml").read_text()
+    assert "_target_: my_ext.HalfScaling" in config and "_target_: my_ext.TinyNet" in config
+    # The user's strategy ran inside the user's backbone: its coefficients were logged.
+    metrics = (sweep / "1" / "csv" / "version_0" / "metrics.csv").read_text()
+    assert "scaling/lsc1" in metrics.splitlines()[0]
+    ckpt = torch.load(sweep / "1" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 2 and any(k.startswith("net.up.") for k in ckpt["state_dict"])
+
+    # The report names the new strategy (and its paper name from the class).
+    proc = run(tmp_path, extension, str(ROOT / "scripts" / "report.py"), str(sweep))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = (sweep / "report" / "report.md").read_text()
+    assert "| half |" in report and "half (half-CS)" in report and "none (Org)" in report
+
+
+def test_an_unknown_option_of_the_users_strategy_is_one_line(tmp_path, extension):
+    searchpath = f"hydra.searchpath=[file://{extension / 'conf'}]"
+    proc = run(tmp_path, extension, str(ROOT / "train.py"), searchpath, "scaling=half", "+scaling.fatcor=0.3",
+               "experiment=smoke", f"hydra.run.dir={tmp_path / 'run'}")
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines == ["error: unknown option(s) fatcor for scaling 'half' (HalfScaling); its options: factor"]
+    assert not (tmp_path / "run").exists()
