@@ -15,6 +15,14 @@ from scalelong.config import to_plain
 os.environ.setdefault("WANDB_MODE", "disabled")  # tests never talk to W&B
 os.environ.setdefault("WANDB_SILENT", "true")
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Tests run on as many workers as there are cores (pytest -n auto): one thread each, in this
+    # process and in the ones it starts, instead of every worker claiming every core.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
+
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 

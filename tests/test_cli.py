@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -30,29 +31,67 @@ def test_bad_scaling_is_one_line_and_leaves_no_run_folder(tmp_path, overrides, e
     assert not run_dir.exists()
 
 
-def test_unknown_config_group_option_is_hydras_clear_error(tmp_path):
-    proc, run_dir = run_train(tmp_path, "scaling=lernable")
-    assert proc.returncode != 0
-    # Hydra names the group and lists the available options.
-    assert "scaling" in proc.stderr and "learnable_nonshared" in proc.stderr
-    assert not run_dir.exists()
+def one_error_line(proc) -> str:
+    """The ``error:`` line of a run that stopped at once: the only one, no traceback."""
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, proc.stderr[-2000:]
+    return errors[0]
 
 
-def test_a_plain_run_makes_its_own_named_folder(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "experiment=smoke", "logger=csv",
-                           "scaling=constant", "scaling.kappa=0.7"],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=180)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    runs = list((tmp_path / "outputs" / "runs").iterdir())
-    assert len(runs) == 1 and runs[0].name.endswith("_digits_unet_constant")
-    assert (runs[0] / "checkpoints" / "last.ckpt").is_file() and (runs[0] / "config.yaml").is_file()
-    # The same command with resume= continues in that folder and makes no new one.
-    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "experiment=smoke", "logger=csv",
-                           "scaling=constant", "scaling.kappa=0.7", "train.max_steps=6", f"resume={runs[0]}"],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=180)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert list((tmp_path / "outputs" / "runs").iterdir()) == runs
-    assert "Restored all states" in proc.stderr + proc.stdout
+@pytest.mark.parametrize("args, expected", [
+    (["scaling=lernable"], "error: unknown scaling=lernable; valid choices: constant, learnable, learnable_nonshared, "
+                           "none, sqrt2; did you mean scaling=learnable?"),
+    (["dataset=cifar"], "error: unknown dataset=cifar; valid choices: celeba64, cifar10, digits, imagenet64, mscoco; "
+                        "did you mean dataset=cifar10?"),
+    (["model=vit"], "did you mean model=uvit?"),
+    (["-m", "scaling=none,lernable"], "error: unknown scaling=lernable;"),
+])
+def test_an_unknown_group_option_is_one_line_with_the_choices(tmp_path, args, expected):
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *args, f"hydra.run.dir={tmp_path / 'run'}",
+                           f"hydra.sweep.dir={tmp_path / 'sweep'}"], capture_output=True, text=True, cwd=tmp_path,
+                          timeout=120)
+    line = one_error_line(proc)
+    assert expected in line
+    assert [line.strip() for line in proc.stderr.splitlines() if line.strip()] == [line]  # nothing else
+    assert not (tmp_path / "run").exists() and not (tmp_path / "sweep").exists()
+
+
+def test_hydras_full_message_stays_available(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "scaling=lernable"], capture_output=True,
+                          text=True, cwd=tmp_path, timeout=120, env={**os.environ, "HYDRA_FULL_ERROR": "1"})
+    assert proc.returncode != 0 and "Could not find 'scaling/lernable'" in proc.stderr
+
+
+@pytest.mark.parametrize("dataset, data_dir, expected", [
+    ("cifar10", "nowhere", "could not download https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"),
+    ("celeba64", "", "no folder given for CelebA: set dataset.data_dir="),
+    ("imagenet64", "nowhere", "ImageNet 64x64 is not prepared"),
+    ("mscoco", "nowhere", "MS-COCO 256 features not found"),
+])
+def test_missing_data_stops_before_any_logger_or_run_folder(tmp_path, dataset, data_dir, expected, monkeypatch):
+    """Offline CIFAR10, or a data set that is not there: one line, exit 2, no run folder and no W&B
+    run (W&B offline, as by default), before Lightning is even imported."""
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    if dataset == "cifar10":  # no network here; where there is one, a proxy that refuses stands in
+        env.update(https_proxy="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9")
+    folder = str(tmp_path / data_dir) if data_dir else ""
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), f"dataset={dataset}", f"dataset.data_dir={folder}",
+                           f"hydra.run.dir={tmp_path / 'run'}"], capture_output=True, text=True, cwd=tmp_path,
+                          timeout=120, env=env)
+    assert expected in one_error_line(proc)
+    assert not (tmp_path / "run").exists() and not list(tmp_path.rglob("wandb"))
+
+
+def test_precision_follows_the_accelerator_unless_set():
+    from conftest import compose
+
+    assert compose(["trainer=ddp", "trainer.accelerator=cpu"])["trainer"]["precision"] == "32-true"
+    assert compose(["trainer=gpu"])["trainer"]["precision"] == "bf16-mixed"
+    assert compose(["trainer=ddp", "gpu_precision=16-mixed"])["trainer"]["precision"] == "16-mixed"
+    assert compose(["trainer=ddp", "trainer.accelerator=cpu", "trainer.precision=bf16-mixed"])["trainer"][
+        "precision"] == "bf16-mixed"
 
 
 def test_an_output_folder_that_cannot_be_made_is_one_line(tmp_path):

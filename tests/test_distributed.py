@@ -63,18 +63,6 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     assert resumed["trainer"].global_step == 7
 
 
-def test_multirun_with_ddp_runs_each_job_once_in_its_own_folder(tmp_path):
-    sweep = tmp_path / "sweep"
-    proc = train_cli(tmp_path, "-m", *COMMON, "train.max_steps=2", "trainer.devices=2", "trainer.strategy=ddp",
-                     "scaling=none,sqrt2", f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=${hydra.job.num}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"]
-    for job, scaling in [("0", "none"), ("1", "sqrt2")]:
-        assert f"name: {scaling}" in (sweep / job / "config.yaml").read_text()
-        assert sorted(losses(sweep / job)) == [0, 1]  # two steps, logged once each: one run per job
-    assert not (tmp_path / "outputs").exists()  # no stray run folders
-
-
 def test_a_failing_sweep_job_does_not_stop_the_others(tmp_path):
     sweep = tmp_path / "sweep"
     # Global batch 7 cannot be split over 2 processes: job 0 fails, job 1 must still run.

@@ -40,13 +40,24 @@ def _label_classes(dataset: Mapping[str, Any]) -> int:
     return int(dataset["num_classes"]) + (1 if float(dataset.get("label_drop_prob") or 0) > 0 else 0)
 
 
+def _job_folder(overrides: str, limit: int = 120) -> str:
+    """A sweep job's folder name from its overrides: no slashes, and cut (with a short hash that
+    keeps it unique) where a long command line would exceed what a file system allows."""
+    import hashlib
+
+    name = str(overrides).replace("/", "_")
+    if len(name) <= limit:
+        return name
+    return f"{name[:limit - 9]}_{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+
+
 def _precision_for(accelerator: str, gpu_precision: str) -> str:
     """A trainer's precision when the user sets none: full precision on the CPU."""
     return "32-true" if str(accelerator) == "cpu" else str(gpu_precision)
 
 
 for _name, _fn in (("run_folder", _run_folder), ("label_classes", _label_classes),
-                   ("precision_for", _precision_for)):
+                   ("precision_for", _precision_for), ("job_folder", _job_folder)):
     if not OmegaConf.has_resolver(_name):
         OmegaConf.register_new_resolver(_name, _fn)
 

@@ -37,6 +37,41 @@ def check_output_folder(argv: list[str]) -> None:
                  "choose another place with hydra.run.dir=... or run from a writable folder")
 
 
+SWEEP_FUNCTIONS = ("glob(", "choice(", "range(", "interval(", "tag(", "sort(", "shuffle(", "extend_list(")
+
+
+def check_group_choices(argv: list[str]) -> None:
+    """One line, not Hydra's twelve, for an unknown option of a config group (``scaling=lernable``):
+    the valid choices, and a close one. ``HYDRA_FULL_ERROR=1`` leaves the message to Hydra."""
+    import difflib
+
+    from scalelong.config import conf_dir
+
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        return
+    roots = [conf_dir()]
+    for arg in argv:  # hydra.searchpath=[file:///a,file:///b]: more folders with groups
+        if arg.startswith("hydra.searchpath="):
+            for entry in arg.split("=", 1)[1].strip("[]'\"").split(","):
+                entry = entry.strip().strip("'\"")
+                if entry.startswith("file://"):
+                    roots.append(Path(entry[len("file://"):]))
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        key = key.lstrip("+~")
+        if not sep or arg.startswith("-") or key.startswith("hydra") or "." in key or "@" in key:
+            continue
+        folders = [root / key for root in roots if (root / key).is_dir()]
+        if not folders or value in ("null", "") or value.startswith(SWEEP_FUNCTIONS):
+            continue
+        options = sorted({p.stem for folder in folders for p in folder.glob("*.yaml")})
+        for choice in (v.strip() for v in value.split(",")):
+            if choice not in options:
+                guess = difflib.get_close_matches(choice, options, n=1)
+                hint = f"; did you mean {key}={guess[0]}?" if guess else ""
+                fail(f"unknown {key}={choice}; valid choices: {', '.join(options)}{hint}")
+
+
 def _exists(path: Path) -> bool:
     try:
         return path.exists()

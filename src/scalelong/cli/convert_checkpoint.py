@@ -24,12 +24,12 @@ def plain(value: Any, where: str, dropped: list[str]) -> Any:
     import numpy as np
     import torch
 
-    if value is None or isinstance(value, (bool, int, float, str, torch.Tensor)):
+    if isinstance(value, np.generic):  # before float: numpy's float64 is a float subclass
+        return value.item()
+    if value is None or type(value) in (bool, int, float, str) or isinstance(value, torch.Tensor):
         return value
     if isinstance(value, np.ndarray):
         return torch.from_numpy(np.ascontiguousarray(value))
-    if isinstance(value, np.generic):
-        return value.item()
     if isinstance(value, dict):  # OrderedDict, AttributeDict and other dicts become plain dicts
         return {plain(k, where, dropped): plain(v, f"{where}.{k}", dropped) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

@@ -14,7 +14,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from scalelong.cli import JobFailed, _remove_if_untouched, check_output_folder, fail
+from scalelong.cli import JobFailed, _remove_if_untouched, check_group_choices, check_output_folder, fail
 from scalelong.config import conf_dir, resolve_resume, to_plain, world_size
 from scalelong.utils.errors import ConfigError, TrainingDiverged
 from scalelong.utils.io import write_text
@@ -29,6 +29,7 @@ def main() -> int:
         config_path = str(conf_dir())
     except ConfigError as err:
         fail(str(err))
+    check_group_choices(sys.argv[1:])
     hydra_main = hydra.main(version_base="1.3", config_path=config_path, config_name="train")(run_training)
     return hydra_main()
 
@@ -147,36 +148,51 @@ def run_training(cfg: DictConfig) -> Any:
 def train(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     """Train as ``cfg`` says; return the run folder, the last checkpoint, the final metrics, the
     trainer and the module. Every part is built here from its own config node."""
-    import torch
     from hydra.utils import instantiate
 
-    from scalelong.build import build_network, build_schedule, build_space
-    from scalelong.data.module import DiffusionDataModule
-    from scalelong.training.callbacks import ConfigInCheckpoints, PeriodicCheckpoint, ProgressPrinter, SampleGrid
-    from scalelong.training.module import DiffusionModule
+    from scalelong.checkpoints import read_checkpoint
+    from scalelong.data import build_dataset
 
     config = to_plain(cfg)
     check_before_start(config)
     ckpt_path = resolve_resume(config)
+    # Everything that can fail on the user's input fails here, before the run writes anything
+    # or starts a logger (and, for the checkpoint and the data, before Lightning is imported):
+    # a refused or unreadable checkpoint, missing data, a checkpoint of another model, weights.
+    checkpoint = read_checkpoint(ckpt_path, mmap=True) if ckpt_path else None
+    dataset = build_dataset(config["dataset"])
+
+    from scalelong.data.module import DiffusionDataModule
+    from scalelong.training.callbacks import ConfigInCheckpoints, PeriodicCheckpoint, ProgressPrinter, SampleGrid
+
+    t = config["train"]
+    data = DiffusionDataModule(config["dataset"], int(t["batch_size"]), int(config["seed"]),
+                               num_workers=int(t.get("num_workers", 0)))
+    data.data = dataset
+    module = build_module(config)
+    if checkpoint is not None:
+        _check_checkpoint_fits(module, checkpoint, ckpt_path)
+    extra_callbacks = [instantiate(spec) for spec in (config.get("callbacks") or {}).values() if spec]
+    for callback in extra_callbacks:
+        if hasattr(callback, "prepare"):
+            callback.prepare(module.model, config["dataset"])
+    if config.get("quick_eval"):
+        from scalelong.metrics.inception import resolve_inception_weights
+        from scalelong.utils.errors import DataError
+
+        try:
+            resolve_inception_weights("clean")  # the KID/FID at the end needs them
+        except DataError as err:
+            raise DataError(f"{err}; or train without the KID/FID at the end: quick_eval=null") from None
     run_dir = Path(config["resume"] or config["run_dir"])
     run_dir.mkdir(parents=True, exist_ok=True)
 
-    torch.manual_seed(int(config["seed"]))  # the initial weights
-    data_cfg, model_cfg, t = config["dataset"], config["model"], config["train"]
-    module = DiffusionModule(
-        build_network(model_cfg, config["scaling"], data_cfg), build_schedule(config["diffusion"]),
-        build_space(data_cfg), instantiate(config["optim"]), ema_decay=config["ema"]["decay"],
-        warmup_steps=t.get("warmup_steps", 0), grad_clip=t.get("grad_clip"),
-        max_nonfinite_in_row=t.get("max_nonfinite_in_row", 20), seed=config["seed"],
-        channels_last=model_cfg.get("channels_last", False), compile=model_cfg.get("compile", False))
-    data = DiffusionDataModule(data_cfg, int(t["batch_size"]), int(config["seed"]), num_workers=int(t.get("num_workers", 0)))
     s, c = config["sample"], config["checkpoint"]
     checkpoints = PeriodicCheckpoint(run_dir / "checkpoints", c["every_n_steps"], c.get("keep_every_n_steps"))
     grids = SampleGrid(run_dir / "samples", s["every_n_steps"], s["num"], s["sampler"], s["steps"], s["seed"],
                        s.get("guidance_scale", 0.0))
     callbacks = [ProgressPrinter(config["trainer"].get("log_every_n_steps", 50)), grids, checkpoints,
-                 ConfigInCheckpoints(config),
-                 *[instantiate(spec) for spec in (config.get("callbacks") or {}).values() if spec]]
+                 ConfigInCheckpoints(config), *extra_callbacks]
     trainer = build_trainer(config["trainer"], int(t["max_steps"]), build_loggers(config, run_dir), callbacks, run_dir)
     if trainer.is_global_zero:
         write_text(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(config)))
@@ -190,14 +206,32 @@ def train(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     quick = config.get("quick_eval")
-    if quick and trainer.is_global_zero:
-        metrics.update(_quick_eval(module, data, int(quick["num"]), s["sampler"], int(s["steps"]), run_dir))
+    if quick:  # on every rank: the evaluation shares its work (and its collectives) over all of them
+        metrics.update(_quick_eval(module, data, int(quick["num"]), s["sampler"], int(s["steps"]), run_dir,
+                                   trainer.is_global_zero))
     if trainer.is_global_zero:  # what a sweeper (or a script) reads back
         write_text(run_dir / "metrics.json", json.dumps({"step": trainer.global_step, **metrics}, indent=2) + "\n")
     for logger in trainer.loggers:
         logger.finalize("success")
+        if type(logger).__name__ == "WandbLogger" and trainer.is_global_zero:
+            # end this W&B run: the next job of a sweep in this process must not log into it
+            logger.experiment.finish()
     return {"run_dir": run_dir, "checkpoint": checkpoints.last_path, "samples": grids.last_path,
             "metrics": metrics, "trainer": trainer, "module": module}
+
+
+def _check_checkpoint_fits(module, checkpoint: Mapping[str, Any], path: str) -> None:
+    """One line, not Lightning's list of missing keys, when a checkpoint is of another model."""
+    stored = checkpoint.get("state_dict") or {}
+    ours = module.state_dict()
+    missing = sorted(set(ours) - set(stored))
+    unexpected = sorted(set(stored) - set(ours))
+    shapes = sorted(k for k in set(ours) & set(stored) if tuple(ours[k].shape) != tuple(stored[k].shape))
+    if missing or unexpected or shapes:
+        what = (f"{len(missing)} weights missing" if missing else f"{len(unexpected)} weights unknown" if unexpected
+                else f"{len(shapes)} weights of another shape, e.g. {shapes[0]}")
+        raise ConfigError(f"checkpoint {path} is of another model than this configuration builds ({what}); "
+                          "continue a run with the overrides it was started with (its config.yaml lists them)")
 
 
 def build_module(config: Mapping[str, Any]):
@@ -229,8 +263,9 @@ def build_loggers(config: Mapping[str, Any], run_dir: Path) -> list:
     if spec.get("csv"):
         loggers.append(instantiate(spec["csv"], save_dir=str(run_dir)))
     if spec.get("wandb"):
+        # plain containers, not instantiated: the run's configuration as W&B's config
         logger = instantiate(spec["wandb"], save_dir=str(run_dir), name=run_dir.name, run_config=config,
-                             _recursive_=False)
+                             _recursive_=False, _convert_="all")
         if logger is not None:
             loggers.append(logger)
     return loggers
@@ -261,19 +296,15 @@ def build_trainer(trainer_cfg: Mapping[str, Any], max_steps: int, loggers: list,
         limit_val_batches=0, num_sanity_val_steps=0)
 
 
-def _quick_eval(module, data, num: int, sampler: str, steps: int, run_dir: Path) -> dict[str, float]:
+def _quick_eval(module, data, num: int, sampler: str, steps: int, run_dir: Path, write: bool) -> dict[str, float]:
     """KID and FID on a CPU-sized count at the end of a short run (the quickstart); written to
-    quick_eval.json. Missing Inception weights skip it with a note: the run itself succeeded."""
+    quick_eval.json by rank 0."""
     from scalelong.metrics.evaluation import nan_to_none, quick_kid_fid
-    from scalelong.utils.errors import DataError
 
-    try:
-        result = quick_kid_fid(module.model, data.data, num=num, sampler=sampler, steps=steps)
-    except DataError as err:
-        print(f"KID/FID skipped: {err}", flush=True)
-        return {}
-    write_text(run_dir / "quick_eval.json", json.dumps({k: nan_to_none(v) for k, v in result.items()}, indent=2,
-                                                       default=str) + "\n")
+    result = quick_kid_fid(module.model, data.data, num=num, sampler=sampler, steps=steps)
+    if write:
+        write_text(run_dir / "quick_eval.json", json.dumps({k: nan_to_none(v) for k, v in result.items()},
+                                                           indent=2, default=str) + "\n")
     return {"eval/quick_kid": float(result["kid"]), "eval/quick_fid": float(result["fid"])}
 
 

@@ -219,12 +219,10 @@ def quick_kid_fid(module: Any, dataset: Any, num: int = 200, sampler: str = "eul
                   verbose: bool = True) -> dict[str, Any]:
     """KID and FID of ``num`` EMA samples against ``num`` random images of ``dataset``, printed.
 
-    A CPU-sized check for the end of the quickstart (one process). Inception reads 4-6 images/s
-    on 2 CPU cores, so the default 200 + 200 images cost 45-100 s, plus the sampling (about
-    40 s for the quickstart's tiny UNet: 200 samples x 200 Euler-Maruyama steps at about 1,000
-    network evaluations/s). At this count KID is the
-    meaningful number; FID is strongly biased upwards and only comparable at the same count.
-    ``dataset``: an ``InMemoryImages`` or uint8 images (N, C, H, W).
+    A CPU-sized check for the end of the quickstart, on every rank of a process group (each takes
+    its share of the reference images and of the samples; all get the result). At a few hundred
+    images KID is the meaningful number; FID is biased upwards and only comparable at the same
+    count. ``dataset``: an ``InMemoryImages`` or uint8 images (N, C, H, W).
     """
     images = dataset.images if hasattr(dataset, "images") else dataset
     images = to_rgb_uint8(images)
@@ -232,21 +230,27 @@ def quick_kid_fid(module: Any, dataset: Any, num: int = 200, sampler: str = "eul
         raise DataError(f"quick_kid_fid needs num >= 2, got {num}")
     if len(images) < num:
         raise DataError(f"the data set has {len(images)} images, fewer than num={num}; pass a smaller num")
+    rank, world = rank_and_world()
     device = getattr(module, "device", torch.device("cpu"))
     t0 = time.perf_counter()
     if extractor is None:
-        extractor = inception.load_inception(mode, device=device)
+        with rank_zero_first():  # one download into the shared cache
+            extractor = inception.load_inception(mode, device=device, verbose=verbose and rank == 0)
     pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:num]
+    mine = torch.arange(num)[rank::world]  # this rank's share, by index into ``pick``
     ref_stats = FeatureStats(extractor.dim, feature_device(extractor), kid_max=num)
-    for feats in iter_features(images[pick], extractor, 50, progress=verbose):
-        ref_stats.update(feats)
+    done = 0
+    for feats in iter_features(images[pick[mine]], extractor, 50, progress=verbose and rank == 0):
+        ref_stats.update(feats, mine[done:done + len(feats)])
+        done += len(feats)
+    ref_stats.all_reduce()
     t1 = time.perf_counter()
     ref = ReferenceStats(ref_stats.mean(), ref_stats.cov(), ref_stats.count, ref_stats.kid_features(),
                          {"mode": getattr(extractor, "mode", None), "weights_sha1": getattr(extractor, "sha1", None)})
     result = evaluate_module(module, ref, extractor, num, sampler, steps, seed, chunk_size=min(num, 50),
-                             kid_max=num, verbose=verbose)
+                             kid_max=num, verbose=verbose and rank == 0)
     result.update(ref_seconds=round(t1 - t0, 1), total_seconds=round(time.perf_counter() - t0, 1))
-    if verbose:
+    if verbose and rank == 0:
         spread = f" +- {result['kid_std']:.5f}" if result["kid_std"] else ""
         print(f"KID {result['kid']:.5f}{spread} and FID {result['fid']:.2f} on {num} samples "
               f"({sampler}, {steps} steps) vs {num} data set images, {mode} Inception (sha1 "

@@ -89,18 +89,34 @@ class FIDCallback(pl.Callback):
 
     # --- set-up: weights and reference statistics, before the first step ---------------------------
 
+    def prepare(self, model: Any, dataset: Mapping[str, Any] | None = None) -> None:
+        """Before the run writes anything: Inception weights, reference statistics, captions and
+        decoder, so that what is missing stops it at once with one line. Statistics to be built
+        (``build_reference``) are built in ``setup``, when all ranks can share the work."""
+        self.dataset = self.dataset or dict(dataset or {})
+        if self.build_reference and self.extractor is None:
+            from scalelong.metrics.inception import resolve_inception_weights
+
+            resolve_inception_weights(self.mode, self.weights_path, download=self.download, verbose=self.verbose)
+            return
+        self.evaluator = self._evaluator(model, "cpu")
+
+    def _evaluator(self, model: Any, device: Any) -> FIDEvaluator:
+        return FIDEvaluator(model, self.dataset, mode=self.mode, ref=self.ref_path, split=self.split,
+                            inception_weights=self.weights_path, download=self.download, extractor=self.extractor,
+                            device=device, build_reference=self.build_reference, kid_max=self.kid_max,
+                            feature_batch=self.feature_batch, seed=self.seed, verbose=self.verbose)
+
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        # Weights, reference statistics, captions and decoder before the first step: what is
-        # missing stops the run there, with one message.
-        dataset = self.dataset or getattr(trainer.datamodule, "dataset_cfg", None)  # default: the training data
-        self.evaluator = FIDEvaluator(
-            pl_module.model, dataset, mode=self.mode, ref=self.ref_path, split=self.split,
-            inception_weights=self.weights_path, download=self.download, extractor=self.extractor,
-            device=trainer.strategy.root_device,  # the module moves there only after setup
-            build_reference=self.build_reference, kid_max=self.kid_max, feature_batch=self.feature_batch,
-            seed=self.seed, verbose=self.verbose)
+        self.dataset = self.dataset or dict(getattr(trainer.datamodule, "dataset_cfg", None) or {})
+        device = trainer.strategy.root_device  # the module moves there only after setup
+        if self.evaluator is None:
+            self.evaluator = self._evaluator(pl_module.model, device)
+        else:
+            self.evaluator.model = pl_module.model
+            self.evaluator.extractor = self.evaluator.extractor.to(device)
         for warning in self.evaluator.warnings:
             if trainer.is_global_zero:
                 print(f"FID warning: {warning}", flush=True)

@@ -1,0 +1,218 @@
+"""Every ``python train.py ...`` command of the README, as a user types it, at toy size.
+
+Each command keeps its own overrides; appended after them (so they win) come only what makes it
+small: 2 training steps, a tiny model of the same class, tiny sample grids, generated files in
+the data set's real format, the CPU instead of a GPU. The quick evaluation stays on (8 samples,
+real Inception), and DDP commands run two gloo processes. Commands that need a cluster (SLURM
+through submitit) are composed, not launched. A README line that stops working fails here.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, compose
+
+README = ROOT / "README.md"
+TOY = ["train.max_steps=2", "train.batch_size=4", "sample.every_n_steps=0", "sample.num=2", "sample.steps=2",
+       "checkpoint.every_n_steps=0", "checkpoint.keep_every_n_steps=null", "trainer.log_every_n_steps=1"]
+SHRINK = {"scalelong.models.UViT": ["model.depth=2", "model.embed_dim=16", "model.num_heads=2"],
+          "scalelong.models.UNet": ["model.base_channels=8", "model.channel_mult=[1,2]", "model.num_res_blocks=1",
+                                    "model.attn_resolutions=[]", "model.num_heads=1"]}
+
+
+def readme_commands() -> list[str]:
+    """The ``python train.py`` commands of the README: code-block lines and inline spans."""
+    text = README.read_text()
+    found = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        found += [line.split(" #", 1)[0].strip() for line in block.splitlines()
+                  if line.strip().startswith("python train.py")]
+    found += [" ".join(span.split()) for span in re.findall(r"`(python train\.py[^`]*)`", text)]
+    return list(dict.fromkeys(found))
+
+
+def test_the_readme_shows_the_commands_this_test_knows_about():
+    commands = readme_commands()
+    assert len(commands) >= 15 and "python train.py" in commands
+    assert any("trainer=ddp" in c and "trainer.accelerator=cpu" in c for c in commands)  # the CPU DDP line
+    assert any(c.startswith("python train.py -m") for c in commands)
+
+
+def _data_overrides(name: str, root: Path) -> list[str]:
+    """Generated files of a data set in its real format (made once per session)."""
+    folder = root / name
+    if name == "cifar10":
+        if not folder.exists():
+            from test_data_cifar10 import write_folder
+            write_folder(folder)
+        return [f"dataset.data_dir={folder}", "dataset.download=false"]
+    if name == "celeba64":
+        if not folder.exists():
+            from test_data_celeba import write_celeba
+
+            from scalelong.data.celeba import prepare_celeba64
+            write_celeba(folder)
+            prepare_celeba64(folder, progress=False)
+        return [f"dataset.data_dir={folder}"]
+    if name == "imagenet64":
+        if not folder.exists():
+            from test_data_imagenet import write_batches
+
+            from scalelong.data.imagenet import prepare_imagenet64_npz
+            prepare_imagenet64_npz(write_batches(folder / "npz"), folder, progress=False)
+        return [f"dataset.data_dir={folder}"]
+    if name == "mscoco":
+        if not folder.exists():
+            from test_data_coco import write_features
+            write_features(folder)
+        return [f"dataset.data_dir={folder}"]
+    return []
+
+
+def toy_command(command: str, work: Path, ext: Path, run: Path) -> tuple[list[str], str]:
+    """(argv after ``python``, how it is run: "run", "ddp" or "compose") for a README command."""
+    args = command.split()[2:]
+    args = [a for a in args if a != "..."]
+    args = [a.replace("<run>", run.name).replace("file:///abs/path/my_conf", f"file://{ext / 'my_conf'}")
+            for a in args]
+    multirun = "-m" in args
+    overrides = [a for i, a in enumerate(args) if a != "-m" and not a.startswith("--")
+                 and not (i > 0 and args[i - 1] == "--cfg")]
+    # What the command composes to decides what makes it small (sweeps: their first choice;
+    # the strategy and Hydra's own settings do not matter for that).
+    first = [re.sub(r"=([^=\[]*?),.*$", r"=\1", o) if "," in o and "[" not in o else o for o in overrides
+             if not o.startswith(("hydra.", "scaling"))]
+    cfg = compose(first, work)
+    extra = list(TOY) + SHRINK.get(cfg["model"]["_target_"], [])
+    extra += _data_overrides(cfg["dataset"]["name"], work / "data")
+    if cfg.get("quick_eval"):  # kept on where the README shows it: the quickstart, alone and under DDP
+        shown = command == "python train.py" or "trainer.accelerator=cpu" in command
+        extra.append("quick_eval.num=8" if shown else "quick_eval=null")
+    if (cfg.get("callbacks") or {}).get("fid"):
+        extra.append(f"callbacks.fid.ref={work / 'fid_stats' / (cfg['dataset']['name'] + '.npz')}")
+    if cfg.get("hydra", {}).get("sweeper", {}).get("n_trials") or "hparams_search=kappa" in args:
+        extra.append("hydra.sweeper.n_trials=2")
+    mode = "run"
+    if cfg["trainer"]["accelerator"] != "cpu":
+        extra.append("trainer.accelerator=cpu")
+    if cfg["trainer"].get("strategy") == "ddp" or cfg["trainer"]["devices"] not in (1, "1"):
+        extra.append("trainer.devices=2")
+        mode = "ddp"
+    if any(a.startswith("cluster=") for a in args):
+        mode = "compose"  # submitit would submit the jobs to SLURM
+    if command == "python train.py":  # the default run folder, which resume=outputs/runs/<run> continues
+        pass
+    elif "resume=" not in command:  # a run of its own (a resumed run continues in its folder)
+        sweeps = multirun or any(a.startswith(("hparams_search=", "experiment=stability")) for a in args)
+        key = "hydra.sweep.dir" if sweeps else "hydra.run.dir"
+        extra.append(f"{key}={work / 'runs' / re.sub(r'[^A-Za-z0-9]+', '_', command)[:80]}")
+    else:
+        extra.append("train.max_steps=3")
+    flags = [a for i, a in enumerate(args) if a.startswith("--") or (i > 0 and args[i - 1] == "--cfg")]
+    plain = [a for a in args if a not in flags]
+    if mode == "compose":  # Hydra takes --cfg instead of -m, and one value per key
+        single = [re.sub(r"=([^=\[]*?),.*$", r"=\1", a) for a in plain if a != "-m"]
+        return ["train.py", *single, *extra, "--cfg", "job"], mode
+    return ["train.py", *plain, *extra, *flags], mode
+
+
+def logged_steps(run: Path) -> list[int]:
+    steps = []
+    for path in run.glob("csv/version_*/metrics.csv"):
+        with open(path) as f:
+            steps += [int(row["step"]) for row in csv.DictReader(f) if row.get("train/loss")]
+    return steps
+
+
+DRIVER = textwrap.dedent('''
+    import glob, json, sys, time
+    from scalelong.cli import train as cli_train
+    results, path = [], sys.argv[1]
+    for argv in json.load(open(path)):
+        runs = sorted(glob.glob("outputs/runs/*_digits_unet_none"))
+        argv = [a.replace("outputs/runs/RUN", runs[0] if runs else "outputs/runs/RUN") for a in argv]
+        sys.argv = argv
+        t0 = time.perf_counter()
+        try:
+            code = cli_train.main() or 0
+        except SystemExit as exit_:
+            code = exit_.code or 0
+        results.append({"argv": argv, "code": code})
+        print(f"README COMMAND {code} {time.perf_counter() - t0:.1f}s", " ".join(argv[1:])[:90], flush=True)
+    json.dump(results, open(path + ".out", "w"))
+''')
+
+
+@pytest.mark.slow
+def test_every_train_command_of_the_readme_runs(tmp_path):
+    work = tmp_path
+    ext = tmp_path / "ext"
+    (ext / "my_conf" / "scaling").mkdir(parents=True)
+    (ext / "my_ext.py").write_text(textwrap.dedent('''
+        from scalelong.scaling import ConstantCoefficients
+
+        class HalfScaling(ConstantCoefficients):
+            paper_name = "half-CS"
+            def __init__(self, factor: float = 0.5):
+                super().__init__()
+                self.factor = float(factor)
+            def coefficient(self, index):
+                return self.factor
+    '''))
+    (ext / "my_conf" / "scaling" / "half.yaml").write_text("_target_: my_ext.HalfScaling\nname: half\nfactor: 0.5\n")
+    env = {**os.environ, "PYTHONPATH": f"{ext}{os.pathsep}{ROOT / 'tests'}", "OMP_NUM_THREADS": "1",
+           "WANDB_MODE": "disabled"}
+    commands = readme_commands()
+    assert commands.index("python train.py") < next(i for i, c in enumerate(commands) if "resume=" in c)
+    run = "RUN"  # `resume=outputs/runs/<run>`: the folder the quickstart line made, known once it ran
+    plans = [(command, *toy_command(command, work, ext, Path(run))) for command in commands]
+    in_process = [[str(ROOT / argv[0]), *argv[1:]] for _, argv, mode in plans if mode != "ddp"]
+    (work / "commands.json").write_text(json.dumps(in_process))
+    driver = subprocess.run([sys.executable, "-c", DRIVER, str(work / "commands.json")], cwd=work, env=env,
+                            capture_output=True, text=True, timeout=900)
+    print("\n".join(line for line in driver.stdout.splitlines() if line.startswith("README COMMAND")))
+    assert driver.returncode == 0, driver.stderr[-3000:]
+    results = json.loads((work / "commands.json.out").read_text())
+    failed = [" ".join(r["argv"][1:]) for r in results if r["code"] != 0]
+    assert not failed, f"README commands that failed: {failed}\n{driver.stderr[-3000:]}"
+    # The quickstart line made one folder named after what it trains, with its checkpoint and the
+    # KID/FID at the end; the resume line continued in that folder and made no new one.
+    runs = list((work / "outputs" / "runs").iterdir())
+    assert len(runs) == 1 and runs[0].name.endswith("_digits_unet_none"), runs
+    assert (runs[0] / "checkpoints" / "last.ckpt").is_file() and (runs[0] / "config.yaml").is_file()
+    assert json.loads((runs[0] / "quick_eval.json").read_text())["num"] == 8
+    assert torch.load(runs[0] / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
+
+    for command, argv, mode in plans:
+        if mode != "ddp":
+            continue
+        proc = subprocess.run([sys.executable, str(ROOT / argv[0]), *argv[1:]], cwd=work, env=env,
+                              capture_output=True, text=True, timeout=600)
+        print("DDP", command, flush=True)
+        assert proc.returncode == 0, f"{command}:\n{proc.stderr[-3000:]}"
+        assert "Traceback" not in proc.stderr, f"{command}:\n{proc.stderr[-3000:]}"
+    # The DDP sweep ran each job once, in its own folder (Lightning's second rank re-runs only that
+    # job), and left no other run folders.
+    sweep_argv = next(argv for command, argv, mode in plans if mode == "ddp" and "-m" in argv)
+    sweep = Path(next(a.split("=", 1)[1] for a in sweep_argv if a.startswith("hydra.sweep.dir=")))
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert [p.name.split("_", 1)[0] for p in jobs] == ["0", "1"]
+    for job, scaling in zip(jobs, ["none", "constant"]):
+        assert f"name: {scaling}" in (job / "config.yaml").read_text()
+        assert sorted(logged_steps(job)) == [0, 1]  # two steps, logged once each: one run per job
+    assert len(list((work / "outputs" / "runs").iterdir())) == 1  # still only the quickstart's folder
+    # The CPU DDP quickstart ran with its KID/FID at the end, on both ranks, written once.
+    ddp_quickstart = next(argv for command, argv, mode in plans if "trainer.accelerator=cpu" in command)
+    folder = Path(next(a.split("=", 1)[1] for a in ddp_quickstart if a.startswith("hydra.run.dir=")))
+    quick = json.loads((folder / "quick_eval.json").read_text())
+    assert quick["num"] == 8 and quick["world_size"] == 2 and quick["kid"] is not None
