@@ -13,8 +13,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# On every core; the slowest tests are listed at the end.
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist worksteal --durations=10
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info src/*.egg-info
