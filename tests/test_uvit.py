@@ -15,6 +15,8 @@ SPECS = {
     "constant": {"name": "constant", "kappa": 0.5},
     "learnable": "learnable",
     "learnable_nonshared": "learnable_nonshared",
+    "mp_cat": "mp_cat",
+    "learnable_scalar": {"name": "learnable_scalar", "init": "constant", "kappa": 0.5},
 }
 
 

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from scalelong.data.space import DataSpace
 from scalelong.diffusion import NoisePredictor, VPSchedule, sample
+from scalelong.scaling.sampling_time import scaled_skips
 from scalelong.utils.errors import ConfigError
 
 
@@ -108,12 +109,15 @@ class DiffusionModel:
     @torch.no_grad()
     def generate(self, num: int, sampler: str = "euler_ode", steps: int = 50, seed: int = 0,
                  use_ema: bool = True, labels: Tensor | None = None, contexts: Tensor | None = None,
-                 guidance_scale: float = 0.0, batch_size: int | None = None, progress: bool = False) -> Tensor:
+                 guidance_scale: float = 0.0, batch_size: int | None = None, progress: bool = False,
+                 skip_scale: Any = None) -> Tensor:
         """``num`` samples as uint8 pixels (num, C, H, W); the same ``seed`` gives the same samples.
 
         Class-conditional models cycle through the classes unless ``labels`` (num,) are given;
         text-conditional models need ``contexts`` (num, tokens, dim). ``guidance_scale`` w > 0
-        applies classifier-free guidance, eps = (1 + w) eps(cond) - w eps(null).
+        applies classifier-free guidance, eps = (1 + w) eps(cond) - w eps(null). ``skip_scale``
+        multiplies the long skips while sampling (after the trained strategy): one factor, "outer:inner"
+        or a factor per skip (``scalelong.scaling.sampling_time``); 1 or None leave the samples as they are.
         """
         net = self.ema_net if use_ema else self.net
         device = self.device
@@ -124,7 +128,7 @@ class DiffusionModel:
         g = torch.Generator(device=device).manual_seed(seed)
         out = []
         batch_size = batch_size or num
-        with eval_mode(net):
+        with eval_mode(net), scaled_skips(net, skip_scale):
             for lo in range(0, num, batch_size):
                 n = min(batch_size, num - lo)
                 part_y = None if labels is None else labels[lo:lo + n].to(device)

@@ -42,6 +42,17 @@ the checkpoint's ``dataset.decoder``)::
 
     python scripts/make_fid_stats.py dataset=mscoco dataset.coco_dir=/data/coco     # once
     python scripts/evaluate.py CKPT --contexts /data/coco256_features         --decoder CompVis/stable-diffusion-v1-4 --decoder-subfolder vae
+
+Sampling-time skip scaling (training-free, as Skip-Tuning; on top of the trained strategy):
+``--skip-scale`` takes one factor (``0.9``), a schedule linear from the outermost to the innermost
+long skip (``1.0:0.8``) or one factor per skip, outermost first (``1,0.95,0.9,...``). One value
+evaluates with it (default folder ``..._skip<scale>``, ``fid.json`` records it). Several values
+(``--skip-scale 1 0.9 0.8``, or the option repeated) sweep them with one Inception network and one
+reference: each value's files go to ``skip_<scale>/`` of the output folder (default
+``..._skipsweep``), and ``skip_scale.md``, ``skip_scale.json`` and ``skip_scale.png`` tabulate and
+plot FID and KID against the scale::
+
+    python scripts/evaluate.py CKPT --num 10000 --sampler dpm_solver --steps 10 --skip-scale 1 0.95 0.9 0.85 1.0:0.8
 """
 
 
@@ -73,31 +84,41 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--decoder", default=None,
                    help="latent models: the autoencoder, a diffusers folder or hub id (default: dataset.decoder)")
     p.add_argument("--decoder-subfolder", default=None, help="e.g. vae for a whole Stable Diffusion repository")
+    p.add_argument("--skip-scale", nargs="+", action="extend", default=None, metavar="SCALE",
+                   help="sampling-time factor(s) of the long skips: 0.9, outer:inner (1.0:0.8) or one per skip "
+                        "outermost first (1,0.95,0.9); several values sweep them")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--no-save-samples", action="store_true")
     return p.parse_args(argv)
 
 
-def out_dir(args: argparse.Namespace) -> Path:
+def out_dir(args: argparse.Namespace, scales: list | None = None) -> Path:
     if args.out is not None:
         return args.out
     run = args.checkpoint.resolve().parent.parent
-    return run / "eval" / f"{args.checkpoint.stem}_{args.sampler}_{args.steps}steps_{args.num}"
+    suffix = "" if not scales else f"_skip{scales[0].label}" if len(scales) == 1 else "_skipsweep"
+    return run / "eval" / f"{args.checkpoint.stem}_{args.sampler}_{args.steps}steps_{args.num}{suffix}"
 
 
 def run(args: argparse.Namespace, device: str) -> int:
-    import numpy as np
-    import torch
-
     from scalelong.diffusion import SAMPLERS
     from scalelong.metrics.evaluation import FIDEvaluator
     from scalelong.model import DiffusionModel
-    from scalelong.utils.distributed import barrier, rank_and_world
+    from scalelong.scaling.sampling_time import parse_skip_scale
+    from scalelong.utils.distributed import rank_and_world
     from scalelong.utils.errors import ConfigError
-    from scalelong.utils.io import save_image_grid, save_npz, write_text
 
     rank, world = rank_and_world()
+    scales = [parse_skip_scale(v) for v in args.skip_scale or []]
+    if len({s.text for s in scales}) != len(scales):
+        raise ConfigError(f"--skip-scale lists a value twice ({' '.join(s.text for s in scales)}); give each once")
     model = DiffusionModel.from_checkpoint(args.checkpoint, device)
+    num_skips = getattr(getattr(model.ema_net, "skip_scaling", None), "num_skips", 0) or 0
+    if scales and not num_skips:
+        raise ConfigError(f"--skip-scale needs a network with long skips merged through `skip_scaling`; this "
+                          f"checkpoint's {type(model.ema_net).__name__} has none")
+    for scale in scales:  # a list of the wrong length fails now, not after the first evaluations
+        scale.factors(num_skips)
     protocol = model.config["dataset"].get("fid") or {}  # the data set's evaluation protocol, where it has one
     args.num = args.num if args.num is not None else int(protocol.get("final_samples", 50000))
     args.sampler = args.sampler or protocol.get("final_sampler", "euler_maruyama")
@@ -111,19 +132,41 @@ def run(args: argparse.Namespace, device: str) -> int:
                             kid_max=args.kid_max, feature_batch=args.feature_batch, contexts_dir=args.contexts,
                             context_split=args.context_split, decoder=args.decoder,
                             decoder_subfolder=args.decoder_subfolder, seed=args.seed)
+    folder = out_dir(args, scales)
+    if rank == 0:
+        print(f"{args.num} samples ({args.sampler}, {args.steps} steps) on {world} process(es); "
+              f"{evaluate.extractor.weights.describe()}; reference {evaluate.ref_path}", flush=True)
+    if len(scales) <= 1:
+        evaluate_once(args, model, evaluate, guidance, folder, scales[0] if scales else None)
+        return 0
+    reports = []
+    for scale in scales:
+        if rank == 0:
+            print(f"skip scale {scale.text}:", flush=True)
+        reports.append(evaluate_once(args, model, evaluate, guidance, folder / f"skip_{scale.label}", scale))
+    if rank == 0:
+        write_sweep(folder, reports)
+    return 0
+
+
+def evaluate_once(args: argparse.Namespace, model, evaluate, guidance, folder: Path, skip_scale) -> dict | None:
+    """One evaluation into ``folder`` (samples, grid, fid.json); rank 0 returns the fid.json record."""
+    import numpy as np
+    import torch
+
+    from scalelong.utils.distributed import barrier, rank_and_world
+    from scalelong.utils.io import save_image_grid, save_npz, write_text
+
+    rank, world = rank_and_world()
     extractor, ref, ref_path = evaluate.extractor, evaluate.ref, evaluate.ref_path
-    folder = out_dir(args)
     kept: list = []
 
     def on_chunk(indices, images):
         if not args.no_save_samples or (rank == 0 and not kept):
             kept.append((indices, images))
 
-    if rank == 0:
-        print(f"{args.num} samples ({args.sampler}, {args.steps} steps) on {world} process(es); "
-              f"{extractor.weights.describe()}; reference {ref_path}", flush=True)
     result = evaluate(args.num, args.sampler, args.steps, args.seed, args.chunk_size, float(guidance or 0.0),
-                      args.workers, on_chunk)
+                      args.workers, on_chunk, skip_scale=skip_scale)
     files = []
     if not args.no_save_samples and kept:
         indices = torch.cat([i for i, _ in kept]).numpy()
@@ -133,32 +176,95 @@ def run(args: argparse.Namespace, device: str) -> int:
         files.append(npz.name)
     files = [f for part in _gather_names(files) for f in part]
     barrier()
-    if rank == 0:
-        first = torch.cat([x for _, x in kept])[:100] if kept else None
-        if first is not None:
-            save_image_grid(first, folder / "grid.png")
-        report = {
-            "metric": "FID", "value": result["fid"], "fid": result["fid"],
-            "kid": result["kid"], "kid_std": result["kid_std"],
-            "kid_subset_size": result["kid_subset_size"], "num": result["num"],
-            "sampler": args.sampler, "steps": args.steps,
-            "guidance_scale": None if guidance is None else float(guidance),
-            "seed": args.seed, "chunk_size": args.chunk_size, "world_size": world,
-            "mode": result["mode"], "ref": str(Path(ref_path).resolve()), "ref_sha1": result["ref_sha1"],
-            "ref_num": ref.num, "inception_sha1": result["inception_sha1"],
-            "inception_weights": str(extractor.weights.path), "inception_source": extractor.weights.source,
-            "checkpoint": str(args.checkpoint.resolve()), "checkpoint_step": model.step,
-            "use_ema": True, "conditions": result["conditions"],
-            "decoder": model.decoder_name if model.latent_scale else None,
-            "decoder_subfolder": model.decoder_subfolder if model.latent_scale else None,
-            "samples": sorted(files), "seconds": result["seconds"], "warnings": result["warnings"],
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-        report = {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in report.items()}
-        write_text(folder / "fid.json", json.dumps(report, indent=2) + "\n")
-        kid = "" if result["kid"] is None else f", KID {result['kid']:.5f}"
-        print(f"FID {result['fid']:.3f}{kid} on {result['num']} samples -> {folder / 'fid.json'}", flush=True)
-    return 0
+    if rank != 0:
+        return None
+    first = torch.cat([x for _, x in kept])[:100] if kept else None
+    if first is not None:
+        save_image_grid(first, folder / "grid.png")
+    num_skips = getattr(getattr(model.ema_net, "skip_scaling", None), "num_skips", 0) or 0
+    report = {
+        "metric": "FID", "value": result["fid"], "fid": result["fid"],
+        "kid": result["kid"], "kid_std": result["kid_std"],
+        "kid_subset_size": result["kid_subset_size"], "num": result["num"],
+        "sampler": args.sampler, "steps": args.steps,
+        "guidance_scale": None if guidance is None else float(guidance),
+        "skip_scale": None if skip_scale is None else skip_scale.text,
+        "skip_factors": None if skip_scale is None else skip_scale.factors(num_skips),
+        "seed": args.seed, "chunk_size": args.chunk_size, "world_size": world,
+        "mode": result["mode"], "ref": str(Path(ref_path).resolve()), "ref_sha1": result["ref_sha1"],
+        "ref_num": ref.num, "inception_sha1": result["inception_sha1"],
+        "inception_weights": str(extractor.weights.path), "inception_source": extractor.weights.source,
+        "checkpoint": str(args.checkpoint.resolve()), "checkpoint_step": model.step,
+        "use_ema": True, "conditions": result["conditions"],
+        "decoder": model.decoder_name if model.latent_scale else None,
+        "decoder_subfolder": model.decoder_subfolder if model.latent_scale else None,
+        "samples": sorted(files), "seconds": result["seconds"], "warnings": result["warnings"],
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    report = {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in report.items()}
+    write_text(folder / "fid.json", json.dumps(report, indent=2) + "\n")
+    kid = "" if result["kid"] is None else f", KID {result['kid']:.5f}"
+    print(f"FID {result['fid']:.3f}{kid} on {result['num']} samples -> {folder / 'fid.json'}", flush=True)
+    return report
+
+
+def write_sweep(folder: Path, reports: list[dict]) -> None:
+    """``skip_scale.md`` (a table), ``skip_scale.json`` (the rows) and ``skip_scale.png`` (FID and
+    KID against the scale) of a sweep over sampling-time skip scales."""
+    from scalelong.utils.io import write_bytes, write_text
+
+    def number(value, digits):
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    first = reports[0]
+    lines = ["# FID and KID against the sampling-time skip scale\n",
+             f"{first['checkpoint']} (step {first['checkpoint_step']}), {first['num']} samples, {first['sampler']} "
+             f"{first['steps']} steps, {first['mode']} Inception, reference {first['ref']}.\n",
+             "| skip scale | factors (outermost first) | FID | KID | KID std |", "|---|---|---|---|---|"]
+    rows = []
+    for r in reports:
+        factors = ", ".join(f"{f:.4g}" for f in r["skip_factors"])
+        lines.append(f"| {r['skip_scale']} | {factors} | {number(r['fid'], 3)} | {number(r['kid'], 5)} | "
+                     f"{number(r['kid_std'], 5)} |")
+        rows.append({k: r[k] for k in ("skip_scale", "skip_factors", "fid", "kid", "kid_std", "num")})
+    write_text(folder / "skip_scale.md", "\n".join(lines) + "\n")
+    write_text(folder / "skip_scale.json", json.dumps(rows, indent=2) + "\n")
+    write_bytes(folder / "skip_scale.png", sweep_plot(reports))
+    print(f"skip scale sweep: {len(reports)} values -> {folder / 'skip_scale.md'}", flush=True)
+
+
+def sweep_plot(reports: list[dict]) -> bytes:
+    """PNG bytes: FID (left axis) and KID (right axis) per skip scale; a numeric axis when every
+    scale is one factor, else the scales as labels in the order given."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from scalelong.scaling.sampling_time import parse_skip_scale
+
+    numbers = [parse_skip_scale(r["skip_scale"]).number for r in reports]
+    numeric = all(n is not None for n in numbers)
+    x = numbers if numeric else list(range(len(reports)))
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    ax.plot(x, [r["fid"] for r in reports], "o-", color="tab:blue", label="FID")
+    ax.set_ylabel("FID", color="tab:blue")
+    ax.set_xlabel("sampling-time skip factor" if numeric else "sampling-time skip scale (outer:inner or per skip)")
+    if not numeric:
+        ax.set_xticks(x, [r["skip_scale"] for r in reports], rotation=30, ha="right")
+    kids = [r["kid"] for r in reports]
+    if all(k is not None for k in kids):
+        right = ax.twinx()
+        right.plot(x, kids, "s--", color="tab:orange", label="KID")
+        right.set_ylabel("KID", color="tab:orange")
+    ax.set_title(f"{reports[0]['num']} samples, {reports[0]['sampler']} {reports[0]['steps']} steps")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
 
 
 def _gather_names(names: list[str]) -> list[list[str]]:

@@ -21,6 +21,11 @@ Text-to-image checkpoints (MS-COCO) condition sample i on a caption of a random 
 features' val split, as evaluation does (``--contexts``, default the checkpoint's
 ``dataset.data_dir``), with guidance ``--guidance`` (default: the data set's). Latents are decoded
 by ``--decoder`` (default ``dataset.decoder``); without one the grid previews three latent channels.
+
+``--skip-scale`` multiplies the long skips while sampling, on top of the strategy the checkpoint
+was trained with (training-free, as Skip-Tuning): one factor (``0.9``), a schedule linear from the
+outermost to the innermost skip (``1.0:0.8``), or one factor per skip, outermost first
+(``1,0.95,0.9,...``). The default file names then end in ``_skip<scale>``.
 """
 
 
@@ -42,6 +47,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--context-split", default=None, help="its split (default: val)")
     p.add_argument("--decoder", default=None, help="latent models: the autoencoder (diffusers folder or hub id)")
     p.add_argument("--decoder-subfolder", default=None)
+    p.add_argument("--skip-scale", default=None, metavar="SCALE",
+                   help="sampling-time factor of the long skips: 0.9, outer:inner (1.0:0.8) or one per skip "
+                        "outermost first (1,0.95,0.9)")
     p.add_argument("--out", type=Path, default=None)
     return p.parse_args(argv)
 
@@ -56,9 +64,14 @@ def main(argv=None) -> int:
     from scalelong.utils.io import atomic_write, grid_image
     from scalelong.metrics.evaluation import caption_contexts
     from scalelong.model import DiffusionModel
+    from scalelong.scaling.sampling_time import parse_skip_scale
 
     if args.num < 1 or args.steps < 1:
         fail("--num and --steps must be at least 1")
+    try:
+        skip_scale = None if args.skip_scale is None else parse_skip_scale(args.skip_scale)
+    except ConfigError as err:
+        fail(f"--skip-scale: {err}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
         model = DiffusionModel.from_checkpoint(args.checkpoint, device)
@@ -71,11 +84,14 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         images = model.generate(args.num, args.sampler, args.steps, seed=args.seed, use_ema=not args.no_ema,
                                  batch_size=args.batch_size, progress=True, guidance_scale=float(guidance or 0.0),
-                                 contexts=None if contexts is None else contexts(torch.arange(args.num)))
+                                 contexts=None if contexts is None else contexts(torch.arange(args.num)),
+                                 skip_scale=skip_scale)
     except ConfigError as err:
         fail(str(err))
     took = time.perf_counter() - start
-    out = args.out or args.checkpoint.resolve().parent.parent / "samples" / f"{args.sampler}_{args.steps}steps_{args.num}"
+    suffix = "" if skip_scale is None else f"_skip{skip_scale.label}"
+    out = args.out or (args.checkpoint.resolve().parent.parent / "samples"
+                       / f"{args.sampler}_{args.steps}steps_{args.num}{suffix}")
     png, npz = out.with_suffix(".png"), out.with_suffix(".npz")
     try:  # a full disk or an unwritable folder: one line (OutputError), the previous files intact
         # The samples are written whole (flushed) before the grid, and the grid replaces its old

@@ -187,12 +187,19 @@ class FIDEvaluator:
                                      kid_max=self.kid_max or 5000, batch_size=self.feature_batch, progress=self.verbose)
 
     def __call__(self, num: int, sampler: str, steps: int, seed: int = 0, chunk_size: int = 250,
-                 guidance_scale: float = 0.0, workers: int = 1, on_chunk: OnChunk | None = None) -> dict[str, Any]:
-        """FID/KID of ``num`` samples; the dict also says how they were made and with which weights."""
+                 guidance_scale: float = 0.0, workers: int = 1, on_chunk: OnChunk | None = None,
+                 skip_scale: Any = None) -> dict[str, Any]:
+        """FID/KID of ``num`` samples; the dict also says how they were made and with which weights.
+
+        ``skip_scale`` scales the long skips while sampling (``DiffusionModel.generate``); calling
+        again with other values reuses the Inception network and the reference statistics.
+        """
+        generate_kwargs: dict[str, Any] = {"guidance_scale": float(guidance_scale or 0.0)}
+        if skip_scale is not None:  # only then: other generate()s (the training module's) lack the option
+            generate_kwargs["skip_scale"] = skip_scale
         result = evaluate_module(self.model, self.ref, self.extractor, num, sampler, steps, seed, chunk_size,
                                  self.kid_max, self.feature_batch, workers, on_chunk, verbose=self.verbose,
-                                 generate_kwargs={"guidance_scale": float(guidance_scale or 0.0)},
-                                 contexts=self.contexts)
+                                 generate_kwargs=generate_kwargs, contexts=self.contexts)
         result["conditions"] = getattr(self.contexts, "source", None)
         return result
 

@@ -1,5 +1,5 @@
-"""Backbones with pluggable long-skip scaling: U-ViT and a CNN UNet. Their presets are
-``conf/model/*.yaml``; ``from_preset`` builds one from Python as training does."""
+"""Backbones with pluggable long-skip scaling: U-ViT, a CNN UNet and any diffusers ``UNet2DModel``.
+Their presets are ``conf/model/*.yaml``; ``from_preset`` builds one from Python as training does."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import Any
 
 from torch import nn
 
+from scalelong.models.diffusers_unet import DiffusersUNet
 from scalelong.models.unet import UNet
 from scalelong.models.uvit import UViT, convert_official_uvit_state_dict
 
@@ -39,4 +40,4 @@ def from_preset(preset: str, dataset: str | None = None, scaling: Any = "none", 
     return build_network(preset_config(preset, dataset, **overrides), scaling)
 
 
-__all__ = ["UViT", "UNet", "convert_official_uvit_state_dict", "from_preset", "preset_config"]
+__all__ = ["DiffusersUNet", "UViT", "UNet", "convert_official_uvit_state_dict", "from_preset", "preset_config"]

@@ -18,9 +18,13 @@ from scalelong.scaling.base import (
 from scalelong.scaling.constant import ConstantScaling, NoScaling, Sqrt2Scaling, check_kappa
 from scalelong.scaling.gates import ChannelGate, TokenGate, _MeanStd
 from scalelong.scaling.learnable import LearnableNonSharedScaling, LearnableScaling
+# After the paper's five: registration order is the order of reports.
+from scalelong.scaling.literature import LearnableScalarScaling, MagnitudePreservingConcat
+from scalelong.scaling.sampling_time import SkipScale, parse_skip_scale, scaled_skips
 
 __all__ = [
     "LAYOUTS", "STRATEGIES", "ChannelGate", "ConstantCoefficients", "ConstantScaling", "LearnableNonSharedScaling",
-    "LearnableScaling", "NoScaling", "ScalingConfigError", "SkipCoefficient", "SkipScaling", "Sqrt2Scaling",
-    "TokenGate", "_MeanStd", "build_skip_scaling", "check_kappa", "register_strategy",
+    "LearnableScalarScaling", "LearnableScaling", "MagnitudePreservingConcat", "NoScaling", "ScalingConfigError",
+    "SkipCoefficient", "SkipScale", "SkipScaling", "Sqrt2Scaling", "TokenGate", "_MeanStd", "build_skip_scaling",
+    "check_kappa", "parse_skip_scale", "register_strategy", "scaled_skips",
 ]
