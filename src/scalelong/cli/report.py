@@ -1,5 +1,6 @@
 """``scalelong-report`` / ``python scripts/report.py``: the stability report (report.md and PNG plots)
-over finished or running training runs, from their local files only."""
+over finished or running training runs, from their local files only. ``--wandb-report`` also puts
+it into W&B: the sweep's dashboard (``scalelong-dashboard``) with this report's table and figures."""
 
 from __future__ import annotations
 
@@ -20,6 +21,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--target-fid", type=float, default=None,
                         help="FID to reach (default: the best FID of the `none` run of each model group)")
     parser.add_argument("--smooth", type=int, default=1, help="moving-average window for the plotted lines")
+    parser.add_argument("--wandb-report", action="store_true",
+                        help="also create the runs' W&B dashboard report (needs `wandb login` and the runs "
+                             "synced) with this report's table and figures; project and entity from the runs' "
+                             "logger.wandb settings (scalelong-dashboard --with-report chooses them)")
     args = parser.parse_args(argv)
     out = args.out or (Path(args.paths[0]) / "report" if len(args.paths) == 1 else Path("report"))
     from scalelong.cli import fail
@@ -29,6 +34,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:  # no runs, a full disk or an unwritable --out: one line, finished files intact
         fail(str(err))
     print(f"report: {path}")
+    if args.wandb_report:
+        from scalelong.cli.dashboard import create_dashboard
+
+        try:  # the local report is written whatever W&B says
+            create_dashboard(args.paths, target_fid=args.target_fid, report_dir=out)
+        except ConfigError as err:
+            fail(str(err))
     return 0
 
 

@@ -214,10 +214,33 @@ def train(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     for logger in trainer.loggers:
         logger.finalize("success")
         if type(logger).__name__ == "WandbLogger" and trainer.is_global_zero:
-            # end this W&B run: the next job of a sweep in this process must not log into it
-            logger.experiment.finish()
+            # the results as W&B summary values, then end this W&B run: the next job of a sweep
+            # in this process must not log into it
+            from scalelong.training.loggers import finish_wandb_run
+
+            finish_wandb_run(logger, config, run_dir, metrics, trainer.global_step)
     return {"run_dir": run_dir, "checkpoint": checkpoints.last_path, "samples": grids.last_path,
             "metrics": metrics, "trainer": trainer, "module": module}
+
+
+def _finished_run(config: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The result of this run folder's earlier, finished run: its metrics.json reached max_steps
+    and its configuration is this one (apart from where it runs)."""
+    run_dir = Path(config.get("resume") or config.get("run_dir") or ".")
+    metrics_file, config_file = run_dir / "metrics.json", run_dir / "config.yaml"
+    if not (config.get("auto_resume", True) and metrics_file.is_file() and config_file.is_file()):
+        return None
+    try:
+        metrics = json.loads(metrics_file.read_text())
+        stored = OmegaConf.to_container(OmegaConf.load(config_file))
+    except (ValueError, OSError):
+        return None
+    same = {k: v for k, v in stored.items() if k != "run_dir"} == {k: v for k, v in config.items() if k != "run_dir"}
+    if not same or int(metrics.get("step", -1)) < int(config["train"]["max_steps"]):
+        return None
+    return {"run_dir": run_dir, "checkpoint": run_dir / "checkpoints" / "last.ckpt", "samples": None,
+            "metrics": {k: v for k, v in metrics.items() if k != "step"} | {"step": metrics["step"]},
+            "trainer": None, "module": None}
 
 
 def _check_checkpoint_fits(module, checkpoint: Mapping[str, Any], path: str) -> None:
