@@ -42,7 +42,7 @@ def one_error_line(proc) -> str:
 
 @pytest.mark.parametrize("args, expected", [
     (["scaling=lernable"], "error: unknown scaling=lernable; valid choices: constant, learnable, learnable_nonshared, "
-                           "none, sqrt2; did you mean scaling=learnable?"),
+                           "learnable_scalar, mp_cat, none, sqrt2; did you mean scaling=learnable?"),
     (["dataset=cifar"], "error: unknown dataset=cifar; valid choices: celeba64, cifar10, digits, imagenet64, mscoco; "
                         "did you mean dataset=cifar10?"),
     (["model=vit"], "did you mean model=uvit?"),
