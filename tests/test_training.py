@@ -82,16 +82,21 @@ def test_the_trainer_updates_the_ema_once_per_step_and_warms_the_lr_up(tmp_path,
             seen["ema"].append([p.detach().clone() for p in self.ema.module.parameters()])
 
     monkeypatch.setattr("scalelong.training.module.DiffusionModule", Recording)
-    cfg = smoke(tmp_path, "train.max_steps=6", "train.warmup_steps=3", "ema.decay=0.5", "optim.lr=1e-3")
-    train(cfg)
-    assert seen["lr"] == pytest.approx([0.0, 1e-3 / 3, 2e-3 / 3, 1e-3, 1e-3, 1e-3])
-    ema = seen["ema0"]
-    for weights, logged in zip(seen["weights"], seen["ema"]):
-        ema = [0.5 * e + 0.5 * w for e, w in zip(ema, weights)]
-        for expected, actual in zip(ema, logged):
-            torch.testing.assert_close(actual, expected)
-    assert len(seen["ema"]) == 6
-    assert not torch.equal(seen["weights"][-1][0], seen["weights"][1][0])  # the weights did move
+    for warmup in (False, True):
+        seen.update(lr=[], weights=[], ema=[])
+        cfg = smoke(tmp_path / str(warmup), "train.max_steps=6", "train.warmup_steps=3", "ema.decay=0.5",
+                    "optim.lr=1e-3", f"ema.warmup={str(warmup).lower()}")
+        train(cfg)
+        assert seen["lr"] == pytest.approx([0.0, 1e-3 / 3, 2e-3 / 3, 1e-3, 1e-3, 1e-3])
+        ema = seen["ema0"]
+        for n, (weights, logged) in enumerate(zip(seen["weights"], seen["ema"]), start=1):
+            # with warm-up, update n averages with min(decay, (1 + n) / (10 + n)): 2/11, 3/12, ...
+            decay = min(0.5, (1 + n) / (10 + n)) if warmup else 0.5
+            ema = [decay * e + (1 - decay) * w for e, w in zip(ema, weights)]
+            for expected, actual in zip(ema, logged):
+                torch.testing.assert_close(actual, expected)
+        assert len(seen["ema"]) == 6
+        assert not torch.equal(seen["weights"][-1][0], seen["weights"][1][0])  # the weights did move
 
 
 def test_ema_arithmetic():

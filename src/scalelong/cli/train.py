@@ -272,6 +272,7 @@ def build_module(config: Mapping[str, Any]):
     return DiffusionModule(
         build_network(model_cfg, config["scaling"], data_cfg), build_schedule(config["diffusion"]),
         build_space(data_cfg), instantiate(config["optim"]), ema_decay=config["ema"]["decay"],
+        ema_warmup=config["ema"].get("warmup", False),
         warmup_steps=t.get("warmup_steps", 0), grad_clip=t.get("grad_clip"),
         max_nonfinite_in_row=t.get("max_nonfinite_in_row", 20), seed=config["seed"],
         channels_last=model_cfg.get("channels_last", False), compile=model_cfg.get("compile", False))

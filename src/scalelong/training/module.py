@@ -37,11 +37,11 @@ class DiffusionModule(pl.LightningModule):
     """
 
     def __init__(self, net: nn.Module, sde: VPSchedule, space: DataSpace, optimizer: Callable[..., torch.optim.Optimizer],
-                 ema_decay: float = 0.9999, warmup_steps: int = 0, grad_clip: float | None = None,
+                 ema_decay: float = 0.9999, ema_warmup: bool = False, warmup_steps: int = 0, grad_clip: float | None = None,
                  max_nonfinite_in_row: int = 20, seed: int = 0, channels_last: bool = False, compile: bool = False):
         super().__init__()
         self.net = net
-        self.ema = EMA(self.net, float(ema_decay))
+        self.ema = EMA(self.net, float(ema_decay), ema_warmup)
         self.sde, self.space = sde, space
         self.optimizer_factory = optimizer
         self.warmup_steps, self.grad_clip = int(warmup_steps), grad_clip
@@ -171,7 +171,7 @@ class DiffusionModule(pl.LightningModule):
         super().optimizer_step(*args, **kwargs)
         # Here rather than in on_train_batch_end: callbacks (checkpoints) run before the
         # module's on_train_batch_end and must see this step's average.
-        self.ema.update(self.net)
+        self.ema.update(self.net, self.global_step + 1)  # the n-th update (global_step counts the steps before)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         every = self.trainer.log_every_n_steps if self._trainer is not None else 1
