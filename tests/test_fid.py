@@ -484,3 +484,31 @@ def test_scripts_report_bad_input_in_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         _script("make_fid_stats").main(["dataset=digits", "split=test"])
     assert exit_.value.code == 2 and "valid splits: train" in capsys.readouterr().err
+
+
+def test_the_quick_evaluation_caches_its_reference_statistics_for_the_same_images_only(tmp_path):
+    """The quickstart's KID/FID at the end: the data set's statistics are computed on the first run
+    and read back on the next (the same numbers, no reference features), and computed anew when
+    the images are not the same ones (another data folder under the same name)."""
+    from scalelong.metrics.evaluation import quick_kid_fid
+
+    class Counting(LinearFeatures):
+        images = 0
+
+        def forward(self, x):
+            Counting.images += len(x)
+            return super().forward(x)
+
+    ext, cache = Counting(), tmp_path / "quick.npz"
+    data = torch.randint(0, 256, (40, 1, 4, 4), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    first = quick_kid_fid(IndexedGenerator(), data, num=10, steps=1, extractor=ext, reference_cache=cache,
+                          verbose=False)
+    assert Counting.images == 20 and cache.is_file()  # 10 reference images + 10 samples
+    again = quick_kid_fid(IndexedGenerator(), data, num=10, steps=1, extractor=ext, reference_cache=cache,
+                          verbose=False)
+    assert Counting.images == 30  # only the samples' features
+    assert (again["fid"], again["kid"]) == (first["fid"], first["kid"])
+    other = data.flip(0)  # other images: the cache does not count for them
+    changed = quick_kid_fid(IndexedGenerator(), other, num=10, steps=1, extractor=ext, reference_cache=cache,
+                            verbose=False)
+    assert Counting.images == 50 and changed["fid"] != first["fid"]

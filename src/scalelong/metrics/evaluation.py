@@ -11,6 +11,7 @@ are added over ranks; rank 0 computes FID and KID and every rank gets the same r
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -26,7 +27,7 @@ from scalelong.metrics.frechet import frechet_distance, kernel_inception_distanc
 from scalelong.metrics import inception
 from scalelong.metrics.inception import check_mode
 from scalelong.metrics.reference import (ReferenceStats, check_compatible, default_reference_path, load_reference,
-                                        make_reference_stats, reference_resolution)
+                                        make_reference_stats, reference_resolution, save_reference)
 from scalelong.metrics.sampling import Contexts, generate_shard
 from scalelong.utils.distributed import broadcast_object, rank_and_world, rank_zero_first
 from scalelong.utils.errors import ConfigError, DataError
@@ -223,13 +224,16 @@ def caption_contexts(dataset: Mapping[str, Any], folder: str | Path | None = Non
 
 def quick_kid_fid(module: Any, dataset: Any, num: int = 200, sampler: str = "euler_maruyama", steps: int = 200,
                   mode: str = "clean", extractor: Callable[[Tensor], Tensor] | None = None, seed: int = 0,
-                  verbose: bool = True) -> dict[str, Any]:
+                  verbose: bool = True, on_chunk: OnChunk | None = None,
+                  reference_cache: str | Path | None = None) -> dict[str, Any]:
     """KID and FID of ``num`` EMA samples against ``num`` random images of ``dataset``, printed.
 
     A CPU-sized check for the end of the quickstart, on every rank of a process group (each takes
     its share of the reference images and of the samples; all get the result). At a few hundred
     images KID is the meaningful number; FID is biased upwards and only comparable at the same
-    count. ``dataset``: an ``InMemoryImages`` or uint8 images (N, C, H, W).
+    count. ``dataset``: an ``InMemoryImages`` or uint8 images (N, C, H, W); ``on_chunk(indices,
+    images)`` sees this rank's samples (the quickstart's final grid is made of them). With
+    ``reference_cache`` (a .npz path) the data set images' statistics are computed once and reused.
     """
     images = dataset.images if hasattr(dataset, "images") else dataset
     images = to_rgb_uint8(images)
@@ -244,18 +248,25 @@ def quick_kid_fid(module: Any, dataset: Any, num: int = 200, sampler: str = "eul
         with rank_zero_first():  # one download into the shared cache
             extractor = inception.load_inception(mode, device=device, verbose=verbose and rank == 0)
     pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:num]
-    mine = torch.arange(num)[rank::world]  # this rank's share, by index into ``pick``
-    ref_stats = FeatureStats(extractor.dim, feature_device(extractor), kid_max=num)
-    done = 0
-    for feats in iter_features(images[pick[mine]], extractor, 50, progress=verbose and rank == 0):
-        ref_stats.update(feats, mine[done:done + len(feats)])
-        done += len(feats)
-    ref_stats.all_reduce()
+    # The cached statistics count only for these very images (another data_dir, another count).
+    picked_sha1 = hashlib.sha1(images[pick].contiguous().numpy().tobytes()).hexdigest()
+    ref = _cached_reference(reference_cache, extractor, picked_sha1)
+    if ref is None:
+        mine = torch.arange(num)[rank::world]  # this rank's share, by index into ``pick``
+        ref_stats = FeatureStats(extractor.dim, feature_device(extractor), kid_max=num)
+        done = 0
+        for feats in iter_features(images[pick[mine]], extractor, 50, progress=verbose and rank == 0):
+            ref_stats.update(feats, mine[done:done + len(feats)])
+            done += len(feats)
+        ref_stats.all_reduce()
+        ref = ReferenceStats(ref_stats.mean(), ref_stats.cov(), ref_stats.count, ref_stats.kid_features(),
+                             {"mode": getattr(extractor, "mode", None), "weights_sha1": getattr(extractor, "sha1", None),
+                              "num": num, "seed": seed, "images_sha1": picked_sha1})
+        if reference_cache is not None and rank == 0:
+            save_reference(reference_cache, ref)
     t1 = time.perf_counter()
-    ref = ReferenceStats(ref_stats.mean(), ref_stats.cov(), ref_stats.count, ref_stats.kid_features(),
-                         {"mode": getattr(extractor, "mode", None), "weights_sha1": getattr(extractor, "sha1", None)})
     result = evaluate_module(module, ref, extractor, num, sampler, steps, seed, chunk_size=min(num, 50),
-                             kid_max=num, verbose=verbose and rank == 0)
+                             kid_max=num, verbose=verbose and rank == 0, on_chunk=on_chunk)
     result.update(ref_seconds=round(t1 - t0, 1), total_seconds=round(time.perf_counter() - t0, 1))
     if verbose and rank == 0:
         spread = f" +- {result['kid_std']:.5f}" if result["kid_std"] else ""
@@ -264,6 +275,18 @@ def quick_kid_fid(module: Any, dataset: Any, num: int = 200, sampler: str = "eul
               f"{str(result['inception_sha1'])[:12]}); {result['total_seconds']:.0f} s. At this count "
               "trust KID; FID is biased upwards and comparable only at the same count.", flush=True)
     return result
+
+
+def _cached_reference(path: str | Path | None, extractor: Any, images_sha1: str) -> ReferenceStats | None:
+    """Statistics saved by an earlier quick evaluation of the same images with the same weights, or None."""
+    if path is None or not Path(path).is_file():
+        return None
+    try:
+        ref = load_reference(path)
+    except DataError:
+        return None
+    same = ref.weights_sha1 == getattr(extractor, "sha1", None) and ref.meta.get("images_sha1") == images_sha1
+    return ref if same and ref.kid_feats is not None else None
 
 
 def nan_to_none(x: Any) -> Any:

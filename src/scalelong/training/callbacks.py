@@ -6,6 +6,7 @@ from __future__ import annotations
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -20,19 +21,31 @@ from scalelong.utils.io import save_image_grid, write_bytes
 class ProgressPrinter(pl.Callback):
     """One line every ``every_n_steps``: step, loss, images per second, time left.
 
-    Plain lines instead of a progress bar read well in log files and SLURM output.
+    Plain lines instead of a progress bar read well in log files and SLURM output; each line
+    after the first also logs ``time/seconds_per_step`` over the steps since the last one. At step
+    ``estimate_at`` one more line says how long the whole run will take: the training left, and
+    ``after_training(seconds per step)``, an estimate of the sampling and evaluation at the end.
     """
 
-    def __init__(self, every_n_steps: int = 50):
+    def __init__(self, every_n_steps: int = 50, estimate_at: int = 50,
+                 after_training: Callable[[float], tuple[float, str]] | None = None):
         self.every = max(1, int(every_n_steps))
+        self.estimate_at = int(estimate_at)
+        self.after_training = after_training
         self._t0 = self._s0 = None
+        self._last_print: tuple[float, int] | None = None
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._t0, self._s0 = time.perf_counter(), trainer.global_step
+        self._last_print = None
 
     @rank_zero_only
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
+        if step == self._s0 + 1:
+            self._t1, self._s1 = time.perf_counter(), step
+        if step == self._s0 + self.estimate_at and step < trainer.max_steps:
+            self._estimate(trainer, step)
         if step % self.every and step != trainer.max_steps:
             return
         elapsed = time.perf_counter() - self._t0
@@ -45,6 +58,21 @@ class ProgressPrinter(pl.Callback):
         loss_s = f"{float(loss):.4f}" if loss is not None else "-"
         print(f"step {step}/{trainer.max_steps}  loss {loss_s}  {images:.1f} img/s  "
               f"elapsed {elapsed:.0f}s  left {left:.0f}s", flush=True)
+        # The measured pace, for the report's projection of a full run (GPU-hours per job).
+        now, since = time.perf_counter(), self._last_print
+        if since is not None and step > since[1]:
+            for logger in trainer.loggers:
+                logger.log_metrics({"time/seconds_per_step": (now - since[0]) / (step - since[1])}, step=step)
+        self._last_print = (now, step)
+
+    def _estimate(self, trainer, step: int) -> None:
+        # Steps after the first (which pays for warm-up) give the rate.
+        seconds_per_step = (time.perf_counter() - self._t1) / max(1, step - self._s1)
+        train_left = (trainer.max_steps - step) * seconds_per_step
+        extra, what = self.after_training(seconds_per_step) if self.after_training else (0.0, "")
+        then = f", then about {extra:.0f} s for {what}" if extra > 0 else ""
+        print(f"expected: about {(train_left + extra) / 60:.1f} min from now ({train_left:.0f} s of training{then}); "
+              "machines of this kind differ 2-4x in speed from day to day", flush=True)
 
 
 class SampleGrid(pl.Callback):
@@ -56,8 +84,9 @@ class SampleGrid(pl.Callback):
     """
 
     def __init__(self, dirpath: str | Path, every_n_steps: int, num: int = 100, sampler: str = "euler_ode",
-                 steps: int = 50, seed: int = 0, guidance_scale: float = 0.0):
+                 steps: int = 50, seed: int = 0, guidance_scale: float = 0.0, at_end: bool = True):
         self.dirpath = Path(dirpath)
+        self.at_end = bool(at_end)  # false: the run's end writes final.png otherwise (the quick evaluation)
         self.every = int(every_n_steps)
         self.num, self.sampler, self.steps, self.seed = int(num), sampler, int(steps), int(seed)
         self.guidance_scale = float(guidance_scale)
@@ -91,6 +120,8 @@ class SampleGrid(pl.Callback):
 
     @rank_zero_only
     def on_train_end(self, trainer, pl_module) -> None:
+        if not self.at_end:
+            return
         final = self.dirpath / "final.png"
         if self._last_step == trainer.global_step and self.last_path is not None:
             write_bytes(final, self.last_path.read_bytes())  # the same weights: no need to sample again
