@@ -79,6 +79,21 @@ def _data_overrides(name: str, root: Path) -> list[str]:
     return []
 
 
+def hydra_sweep(overrides: list[str]) -> tuple[str | None, dict[str, str], int | None]:
+    """What the composed ``hydra`` node says about sweeping: its mode (an experiment can make
+    a plain command a sweep), the swept axes and values, and Optuna's number of trials."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        node = hydra_compose("train", overrides=[*overrides, "run_dir=."], return_hydra_config=True).hydra
+    params = node.sweeper.get("params")
+    mode = node.get("mode")
+    return (mode.name if mode is not None else None, OmegaConf.to_container(params) if params else {},
+            node.sweeper.get("n_trials"))
+
+
 def toy_command(command: str, work: Path, ext: Path, run: Path) -> tuple[list[str], str]:
     """(argv after ``python``, how it is run: "run", "ddp" or "compose") for a README command."""
     args = command.split()[2:]
@@ -100,8 +115,18 @@ def toy_command(command: str, work: Path, ext: Path, run: Path) -> tuple[list[st
         extra.append("quick_eval.num=8" if shown else "quick_eval=null")
     if (cfg.get("callbacks") or {}).get("fid"):
         extra.append(f"callbacks.fid.ref={work / 'fid_stats' / (cfg['dataset']['name'] + '.npz')}")
-    if cfg.get("hydra", {}).get("sweeper", {}).get("n_trials") or "hparams_search=kappa" in args:
+    mode_of_hydra, axes, trials = hydra_sweep(first)
+    if trials:
         extra.append("hydra.sweeper.n_trials=2")
+    else:
+        # A sweep its experiment defines (the study, the paper comparison): the first choice of
+        # each axis the command does not set (their own tests run them over several choices).
+        for key, values in axes.items():
+            if not any(o.split("=", 1)[0].lstrip("+~") == key for o in overrides):
+                choice = str(values).split(",")[0].strip()
+                if choice.startswith("glob("):
+                    choice = sorted(p.stem for p in (ROOT / "conf" / key).glob("*.yaml"))[0]
+                extra.append(f"{key}={choice}")
     mode = "run"
     if cfg["trainer"]["accelerator"] != "cpu":
         extra.append("trainer.accelerator=cpu")
@@ -113,7 +138,7 @@ def toy_command(command: str, work: Path, ext: Path, run: Path) -> tuple[list[st
     if command == "python train.py":  # the default run folder, which resume=outputs/runs/<run> continues
         pass
     elif "resume=" not in command:  # a run of its own (a resumed run continues in its folder)
-        sweeps = multirun or any(a.startswith(("hparams_search=", "experiment=stability")) for a in args)
+        sweeps = multirun or mode_of_hydra == "MULTIRUN"
         key = "hydra.sweep.dir" if sweeps else "hydra.run.dir"
         extra.append(f"{key}={work / 'runs' / re.sub(r'[^A-Za-z0-9]+', '_', command)[:80]}")
     else:

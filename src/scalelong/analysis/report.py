@@ -31,15 +31,17 @@ NONFINITE_KEY = "train/nonfinite_skipped"
 
 
 def find_runs(paths: Iterable[str | Path]) -> list[Path]:
-    """Run folders (those with a config.yaml) among ``paths`` and their direct subfolders."""
+    """Run folders (those with a config.yaml) among ``paths`` and the folders below them."""
     runs: list[Path] = []
     for p in map(Path, paths):
         if (p / "config.yaml").is_file():
             runs.append(p)
         elif p.is_dir():
             # Hydra names jobs "<num>_<overrides>": order by the job number, then by name.
-            subs = [d for d in p.iterdir() if (d / "config.yaml").is_file()]
-            runs.extend(sorted(subs, key=_job_order))
+            # not Hydra's or W&B's own config.yaml files, nor a report's
+            subs = {c.parent for c in p.rglob("config.yaml")
+                    if not {".hydra", "wandb", "report"} & set(c.relative_to(p).parts[:-1])}
+            runs.extend(sorted(subs, key=lambda d: [_job_order(Path(part)) for part in d.relative_to(p).parts]))
         else:
             raise ConfigError(f"{p} is neither a run folder nor a folder of runs")
     if not runs:
@@ -575,8 +577,33 @@ def make_plots(runs: Sequence[Run], out: Path, targets: dict[str, float], smooth
 # --- the report ----------------------------------------------------------------------------------
 
 
-def write_report(paths: Sequence[str | Path], out: Path, target_fid: float | None = None, smooth: int = 1) -> Path:
-    """Read the runs under ``paths``, write ``out/report.md`` and its plots; return the report path."""
+TIME_KEY = "time/seconds_per_step"
+
+
+def time_table(runs: Sequence[Run], project_steps: int | None) -> str | None:
+    """Measured training pace per run (median of the logged intervals, so the few that include an
+    evaluation do not count) and, with ``project_steps``, the hours a run of that length takes."""
+    timed = [r for r in ordered(runs) if r.series(TIME_KEY) is not None]
+    if not timed:
+        return None
+    head = ["run", "strategy", "seconds per step", "images per second"]
+    if project_steps:
+        head.append(f"hours for {project_steps:,} steps")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in timed:
+        pace = float(np.median(r.series(TIME_KEY)[1]))
+        batch = (r.config.get("train") or {}).get("batch_size")
+        row = [r.short_name, r.strategy_label, f"{pace:.4g}", f"{batch / pace:.1f}" if batch else "–"]
+        if project_steps:
+            row.append(f"{pace * project_steps / 3600:.1f}")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def write_report(paths: Sequence[str | Path], out: Path, target_fid: float | None = None, smooth: int = 1,
+                 project_steps: int | None = None) -> Path:
+    """Read the runs under ``paths``, write ``out/report.md`` and its plots; return the report path.
+    ``project_steps``: also give the hours a run of that many steps takes at each run's measured pace."""
     runs = load_runs(paths)  # every file below is written with atomic_write, which makes ``out``
     targets = fid_targets(runs, target_fid)
     plots = make_plots(runs, out, targets, smooth)
@@ -603,6 +630,12 @@ def write_report(paths: Sequence[str | Path], out: Path, target_fid: float | Non
     if theory:
         parts += ["", "## Theory: sum over j ≥ i of κ_j² per LSC i", "",
                   "N − i + 1 for `none`, half that for `sqrt2`, a bounded geometric sum for `constant`.", "", theory]
+    pace = time_table(runs, project_steps)
+    if pace:
+        parts += ["", "## Time", "", "Measured on the machine that ran each job: the median of "
+                  f"`{TIME_KEY}` (logged at every progress line; batch = the global batch over all ranks)"
+                  + (", and the training hours of a full run at that pace (evaluations not included)."
+                     if project_steps else "."), "", pace]
     if plots:
         parts += ["", "## Plots"]
         for name, caption in plots.items():

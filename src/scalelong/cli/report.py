@@ -21,6 +21,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--target-fid", type=float, default=None,
                         help="FID to reach (default: the best FID of the `none` run of each model group)")
     parser.add_argument("--smooth", type=int, default=1, help="moving-average window for the plotted lines")
+    parser.add_argument("--project-steps", type=int, default=None,
+                        help="also give the training hours of a run this long at each run's measured pace")
     parser.add_argument("--wandb-report", action="store_true",
                         help="also create the runs' W&B dashboard report (needs `wandb login` and the runs "
                              "synced) with this report's table and figures; project and entity from the runs' "
@@ -30,7 +32,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from scalelong.cli import fail
 
     try:
-        path = write_report(args.paths, out, args.target_fid, args.smooth)
+        path = write_report(args.paths, out, args.target_fid, args.smooth, args.project_steps)
     except ConfigError as err:  # no runs, a full disk or an unwritable --out: one line, finished files intact
         fail(str(err))
     print(f"report: {path}")

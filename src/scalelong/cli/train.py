@@ -137,7 +137,7 @@ def run_training(cfg: DictConfig) -> Any:
         fail(str(err), code=3)
     except ConfigError as err:
         _config_error(err, run_dir)
-    if result["trainer"].is_global_zero:
+    if result["trainer"] is not None and result["trainer"].is_global_zero:
         print(f"run folder: {result['run_dir']}")
     return _optimized_value(config, result["metrics"])
 
@@ -155,6 +155,11 @@ def train(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
 
     config = to_plain(cfg)
     check_before_start(config)
+    finished = _finished_run(config)
+    if finished is not None:  # a sweep run again (to resume it) skips the jobs that are done
+        print(f"run folder: {finished['run_dir']} finished already at step {finished['metrics']['step']}; "
+              "not run again (delete its metrics.json to train it anew)", flush=True)
+        return finished
     ckpt_path = resolve_resume(config)
     # Everything that can fail on the user's input fails here, before the run writes anything
     # or starts a logger (and, for the checkpoint and the data, before Lightning is imported):

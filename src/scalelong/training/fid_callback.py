@@ -51,12 +51,14 @@ class FIDCallback(pl.Callback):
                  chunk_size: int = 250, feature_batch: int = 50, kid: bool = True, kid_max: int = 5000,
                  at_end: bool = False, history_file: str = "fid_history.json",
                  best_checkpoint: str | None = "checkpoints/best_fid.ckpt", dirpath: str | None = None,
-                 feature_extractor: Any = None, verbose: bool = True):
+                 feature_extractor: Any = None, verbose: bool = True, fid_key: str = "eval/fid",
+                 kid_key: str = "eval/kid", label: str = "FID"):
         self.dataset = dict(dataset or {})
         self.every = int(every_n_steps)
         self.num, self.sampler, self.steps, self.seed = int(num_samples), sampler, int(steps), int(seed)
         self.guidance_scale = float(guidance_scale or 0.0)
-        self.mode = check_mode(mode)
+        # a given feature extractor says what it is (the digit classifier), else an Inception mode
+        self.mode = getattr(feature_extractor, "mode", None) or check_mode(mode)
         self.ref_path, self.split = ref, split
         self.weights_path, self.download = inception_weights, bool(download)
         self.build_reference = bool(build_reference)
@@ -66,6 +68,9 @@ class FIDCallback(pl.Callback):
         self.history_name, self.best_name, self.dirpath = history_file, best_checkpoint, dirpath
         self.extractor = feature_extractor
         self.verbose = bool(verbose)
+        # Named for what is measured: another feature extractor is not FID (the digits study
+        # logs eval/fd_digits, the Frechet distance in a digit classifier's features).
+        self.fid_key, self.kid_key, self.label = fid_key, kid_key, label
         self.evaluator: FIDEvaluator | None = None
         self._last_step = -1
         if self.num < 2:
@@ -151,9 +156,9 @@ class FIDCallback(pl.Callback):
             best = best_entry(read_history(path))  # decided from the file itself
             is_best = best is not None and best["step"] == step
         is_best = bool(trainer.strategy.broadcast(is_best, src=0))
-        metrics = {"eval/fid": float(result["fid"])}
+        metrics = {self.fid_key: float(result["fid"])}
         if result["kid"] is not None:
-            metrics["eval/kid"] = float(result["kid"])
+            metrics[self.kid_key] = float(result["kid"])
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
@@ -163,7 +168,7 @@ class FIDCallback(pl.Callback):
         if self.verbose and trainer.is_global_zero:
             kid = "" if result["kid"] is None else f"  KID {result['kid']:.5f}"
             best = "  best so far" if is_best else ""
-            print(f"step {step}: FID {result['fid']:.3f}{kid} on {self.num} samples ({self.sampler}, "
+            print(f"step {step}: {self.label} {result['fid']:.3f}{kid} on {self.num} samples ({self.sampler}, "
                   f"{self.steps} steps, {result['seconds']:.0f}s){best}", flush=True)
         return entry
 
