@@ -68,9 +68,13 @@ def test_a_checkpoint_of_the_previous_format_still_samples_the_same():
     classes (model.backbone/preset/options); its expected samples by that code, too."""
     model = DiffusionModel.from_checkpoint(FIXTURES / "legacy_format1_uvit.ckpt")
     expected = torch.load(FIXTURES / "legacy_format1_uvit_expected.pt", weights_only=True)
-    assert torch.equal(model.generate(4, "euler_ode", 3, seed=0), expected["samples_euler_ode_3_seed0"])
+    # To rounding, not bit for bit: CI's torch build (CUDA wheel, run on the CPU) differed from the
+    # one that wrote the fixture in the last bits of this forward. Weights loaded wrongly differ by
+    # the size of the outputs (about 0.1).
+    close = {"rtol": 1e-5, "atol": 1e-6}
+    torch.testing.assert_close(model.generate(4, "euler_ode", 3, seed=0), expected["samples_euler_ode_3_seed0"], **close)
     with torch.no_grad():
-        assert torch.equal(model.ema_net(expected["ema_x"], expected["ema_t"]), expected["ema_eps"])
+        torch.testing.assert_close(model.ema_net(expected["ema_x"], expected["ema_t"]), expected["ema_eps"], **close)
     assert model.config["model"]["_target_"] == "scalelong.models.UViT" and model.config["model"]["depth"] == 2
     assert model.config["scaling"]["kappa"] == 0.7 and model.net.skip_scaling.kappa == 0.7
 
