@@ -21,6 +21,10 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ROOT, compose
+from PIL import Image
+from test_extension import MODULE  # the README's example strategy, as the extension test writes it
+
+from scalelong.utils.io import grid_image
 
 README = ROOT / "README.md"
 TOY = ["train.max_steps=2", "train.batch_size=4", "sample.every_n_steps=0", "sample.num=2", "sample.steps=2",
@@ -107,7 +111,17 @@ def toy_command(command: str, work: Path, ext: Path, run: Path) -> tuple[list[st
     # the strategy and Hydra's own settings do not matter for that).
     first = [re.sub(r"=([^=\[]*?),.*$", r"=\1", o) if "," in o and "[" not in o else o for o in overrides
              if not o.startswith(("hydra.", "scaling"))]
-    cfg = compose(first, work)
+    mode_of_hydra, axes, trials = hydra_sweep(first)
+    # A sweep its experiment defines (the study, the paper comparison): the first choice of each
+    # axis the command does not set (their own tests run them over several choices).
+    chosen = []
+    for key, values in ({} if trials else axes).items():
+        if not any(o.split("=", 1)[0].lstrip("+~") == key for o in overrides):
+            choice = str(values).split(",")[0].strip()
+            if choice.startswith("glob("):
+                choice = sorted(p.stem for p in (ROOT / "conf" / key).glob("*.yaml"))[0]
+            chosen.append(f"{key}={choice}")
+    cfg = compose(first + chosen, work)  # what runs: the chosen cell's model decides the shrinking
     extra = list(TOY) + SHRINK.get(cfg["model"]["_target_"], [])
     extra += _data_overrides(cfg["dataset"]["name"], work / "data")
     if cfg.get("quick_eval"):  # kept on where the README shows it: the quickstart, alone and under DDP
@@ -115,18 +129,7 @@ def toy_command(command: str, work: Path, ext: Path, run: Path) -> tuple[list[st
         extra.append("quick_eval.num=8" if shown else "quick_eval=null")
     if (cfg.get("callbacks") or {}).get("fid"):
         extra.append(f"callbacks.fid.ref={work / 'fid_stats' / (cfg['dataset']['name'] + '.npz')}")
-    mode_of_hydra, axes, trials = hydra_sweep(first)
-    if trials:
-        extra.append("hydra.sweeper.n_trials=2")
-    else:
-        # A sweep its experiment defines (the study, the paper comparison): the first choice of
-        # each axis the command does not set (their own tests run them over several choices).
-        for key, values in axes.items():
-            if not any(o.split("=", 1)[0].lstrip("+~") == key for o in overrides):
-                choice = str(values).split(",")[0].strip()
-                if choice.startswith("glob("):
-                    choice = sorted(p.stem for p in (ROOT / "conf" / key).glob("*.yaml"))[0]
-                extra.append(f"{key}={choice}")
+    extra += ["hydra.sweeper.n_trials=2"] if trials else chosen
     mode = "run"
     if cfg["trainer"]["accelerator"] != "cpu":
         extra.append("trainer.accelerator=cpu")
@@ -183,17 +186,7 @@ def test_every_train_command_of_the_readme_runs(tmp_path):
     work = tmp_path
     ext = tmp_path / "ext"
     (ext / "my_conf" / "scaling").mkdir(parents=True)
-    (ext / "my_ext.py").write_text(textwrap.dedent('''
-        from scalelong.scaling import ConstantCoefficients
-
-        class HalfScaling(ConstantCoefficients):
-            paper_name = "half-CS"
-            def __init__(self, factor: float = 0.5):
-                super().__init__()
-                self.factor = float(factor)
-            def coefficient(self, index):
-                return self.factor
-    '''))
+    (ext / "my_ext.py").write_text(textwrap.dedent(MODULE))
     (ext / "my_conf" / "scaling" / "half.yaml").write_text("_target_: my_ext.HalfScaling\nname: half\nfactor: 0.5\n")
     env = {**os.environ, "PYTHONPATH": f"{ext}{os.pathsep}{ROOT / 'tests'}", "OMP_NUM_THREADS": "1",
            "WANDB_MODE": "disabled"}
@@ -241,3 +234,8 @@ def test_every_train_command_of_the_readme_runs(tmp_path):
     folder = Path(next(a.split("=", 1)[1] for a in ddp_quickstart if a.startswith("hydra.run.dir=")))
     quick = json.loads((folder / "quick_eval.json").read_text())
     assert quick["num"] == 8 and quick["world_size"] == 2 and quick["kid"] is not None
+    # Its final.png is the grid of all 8 scored samples (both ranks' shares), and no other grid
+    # was sampled.
+    assert [p.name for p in (folder / "samples").iterdir()] == ["final.png"]
+    with Image.open(folder / "samples" / "final.png") as final:
+        assert final.size == grid_image(torch.zeros(8, 1, 16, 16, dtype=torch.uint8)).size

@@ -52,7 +52,11 @@ def test_every_combination_composes_and_instantiates(tmp_path, dataset, model, s
 def test_quickstart_defaults():
     cfg = compose([])
     assert cfg["dataset"]["name"] == "digits" and cfg["model"]["_target_"] == "scalelong.models.UNet"
-    assert cfg["model"]["base_channels"] == 32 and cfg["trainer"]["accelerator"] == "cpu"
+    assert cfg["model"]["base_channels"] == 24 and cfg["trainer"]["accelerator"] == "cpu"
+    # The quickstart's recipe (README "The quickstart"): no attention, 500 steps, one grid made of
+    # the 100 scored samples.
+    assert cfg["model"]["attn_resolutions"] == [] and cfg["train"]["max_steps"] == 500
+    assert cfg["quick_eval"] == {"num": 100, "grid": True} and cfg["sample"]["every_n_steps"] == 0
     uvit = compose(["model=uvit"])["model"]
     assert uvit["_target_"] == "scalelong.models.UViT" and uvit["embed_dim"] == 128  # the uvit_tiny preset
 

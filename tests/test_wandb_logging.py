@@ -93,7 +93,7 @@ def test_the_jobs_of_a_sweep_share_its_group_with_tags_and_config_columns(sweep)
         columns = flat_config({k: v for k, v in run["config"].items() if k != "_wandb"})
         assert columns["scaling.name"] == strategy
         assert columns["model.depth"] == configs[name]["model"]["depth"] == 4
-        assert columns["optim.lr"] == configs[name]["optim"]["lr"] == pytest.approx(1e-3)
+        assert columns["optim.lr"] == configs[name]["optim"]["lr"] == pytest.approx(3e-3)
         assert columns.get("scaling.kappa") == (0.5 if strategy == "constant" else None)
 
 

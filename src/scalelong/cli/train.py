@@ -188,7 +188,7 @@ def train(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     s, c = config["sample"], config["checkpoint"]
     checkpoints = PeriodicCheckpoint(run_dir / "checkpoints", c["every_n_steps"], c.get("keep_every_n_steps"))
     grids = SampleGrid(run_dir / "samples", s["every_n_steps"], s["num"], s["sampler"], s["steps"], s["seed"],
-                       s.get("guidance_scale", 0.0), at_end=s.get("at_end", True))
+                       s.get("guidance_scale", 0.0), at_end=_grid_at_end(config))
     progress = ProgressPrinter(config["trainer"].get("log_every_n_steps", 50),
                                after_training=_end_of_run_estimate(config, inception))
     callbacks = [progress, grids, checkpoints,
@@ -325,21 +325,27 @@ def _quick_eval(module, data, quick: Mapping[str, Any], sample: Mapping[str, Any
     sampler; quick_eval.json (and, with ``quick_eval.grid``, samples/final.png of the same
     samples) written by rank 0. The data set's statistics are cached for the next run."""
     from scalelong.metrics.evaluation import nan_to_none, quick_kid_fid
+    from scalelong.utils.distributed import all_gather_object
     from scalelong.utils.io import save_image_grid
 
     num = int(quick["num"])
-    kept: list = []
+    kept: list = []  # (sample indices, images) of this rank's share
     cache = _quick_reference(data.dataset_cfg["name"], num)
     result = quick_kid_fid(module.model, data.data, num=num, sampler=sample["sampler"], steps=int(sample["steps"]),
-                           extractor=extractor, on_chunk=lambda indices, images: kept.append(images),
+                           extractor=extractor, on_chunk=lambda indices, images: kept.append((indices, images)),
                            reference_cache=cache)
+    shares = all_gather_object(kept) if quick.get("grid") else []  # collective: on every rank
     if write:
         write_text(run_dir / "quick_eval.json", json.dumps({k: nan_to_none(v) for k, v in result.items()},
                                                            indent=2, default=str) + "\n")
-        if quick.get("grid") and kept:
+        pieces = [piece for share in shares for piece in share]
+        if pieces:
             import torch
 
-            save_image_grid(torch.cat(kept)[:num], run_dir / "samples" / "final.png")
+            grid = torch.zeros(num, *pieces[0][1].shape[1:], dtype=pieces[0][1].dtype)
+            for indices, images in pieces:
+                grid[torch.as_tensor(indices)] = images.cpu()
+            save_image_grid(grid, run_dir / "samples" / "final.png")
     return {"eval/quick_kid": float(result["kid"]), "eval/quick_fid": float(result["fid"])}
 
 
@@ -372,6 +378,13 @@ def _inception_for_the_end(config: Mapping[str, Any]) -> tuple[Any, float]:
     return extractor, (time.perf_counter() - t0) / 4
 
 
+def _grid_at_end(config: Mapping[str, Any]) -> bool:
+    """Whether SampleGrid samples samples/final.png after the last step: not when the quick
+    evaluation's own samples become that grid (``quick_eval.grid``), nor with ``sample.at_end=false``."""
+    quick = config.get("quick_eval") or {}
+    return bool(config["sample"].get("at_end", True)) and not quick.get("grid")
+
+
 def _end_of_run_estimate(config: Mapping[str, Any], inception: tuple[Any, float] | None):
     """``seconds per training step -> (seconds of sampling and evaluation at the end, what)``."""
     sample, quick, batch = config["sample"], config.get("quick_eval"), int(config["train"]["batch_size"])
@@ -379,7 +392,7 @@ def _end_of_run_estimate(config: Mapping[str, Any], inception: tuple[Any, float]
     def estimate(seconds_per_step: float) -> tuple[float, str]:
         forward = seconds_per_step / (3 * batch)  # one network evaluation: about a third of a training image
         seconds, what = 0.0, []
-        if sample.get("at_end", True) and sample["num"]:
+        if _grid_at_end(config) and sample["num"]:
             seconds += sample["num"] * sample["steps"] * forward
             what.append(f"a grid of {sample['num']} samples")
         if quick:

@@ -21,8 +21,7 @@ def preset_config(preset: str, dataset: str | None = None, **overrides: Any) -> 
     from scalelong.utils.errors import ConfigError
 
     if dataset is None:
-        aliases = sorted((conf_dir() / "model" / "by_dataset").glob("*.yaml"))
-        owners = [a.stem.split("_", 1)[1] for a in aliases if f"/model/{preset}@" in a.read_text()]
+        owners = _datasets_of(preset, conf_dir() / "model")
         if not owners:
             raise ConfigError(f"no data set uses the preset {preset!r} by default; pass dataset=...")
         dataset = owners[0]
@@ -38,6 +37,17 @@ def from_preset(preset: str, dataset: str | None = None, scaling: Any = "none", 
     from scalelong.build import build_network
 
     return build_network(preset_config(preset, dataset, **overrides), scaling)
+
+
+def _datasets_of(preset: str, model_dir) -> list[str]:
+    """The data sets whose default model is ``preset``, or a preset built on it (unet_tiny: the
+    quickstart's unet_quickstart, the digits' default)."""
+    aliases = sorted((model_dir / "by_dataset").glob("*.yaml"))
+    owners = [a.stem.split("_", 1)[1] for a in aliases if f"/model/{preset}@" in a.read_text()]
+    for child in sorted(model_dir.glob("*.yaml")):
+        if not owners and f"- {preset}@_here_" in child.read_text():
+            owners = _datasets_of(child.stem, model_dir)
+    return owners
 
 
 __all__ = ["DiffusersUNet", "UViT", "UNet", "convert_official_uvit_state_dict", "from_preset", "preset_config"]
