@@ -17,11 +17,14 @@ import torch
 from conftest import ROOT, compose
 from scipy import stats
 
+from scalelong.analysis import study
+
 TOY = ["study_cell=unet", "study_arm=none,constant_k05", "seed=1,2", "train.max_steps=6", "train.warmup_steps=0",
        "model.base_channels=8", "quick_eval=null", "callbacks.digits_quality.every_n_steps=3",
        "callbacks.digits_quality.num_samples=16", "callbacks.digits_quality.steps=2",
        "callbacks.stability.every_n_steps=1", "callbacks.stability.robustness_every_n_steps=3",
-       "callbacks.stability.loss_window=2", "sample.num=4", "sample.steps=2", "checkpoint.every_n_steps=3"]
+       "callbacks.stability.loss_window=2", "sample.num=4", "sample.steps=2", "checkpoint.every_n_steps=3",
+       "trainer.log_every_n_steps=1"]
 
 
 def test_the_study_configuration_is_the_designed_one():
@@ -74,9 +77,34 @@ def test_a_toy_study_runs_resumes_and_reports_intervals_from_the_runs(tmp_path):
     assert got["verdict"] == expected
     mean_none = np.mean([by_seed[("none", s)] for s in ("seed_1", "seed_2")])
     assert results["cells"][cell]["none"]["grad_log_norm"]["mean"] == pytest.approx(mean_none, rel=1e-9)
+    # The claim's verdict per strategy comes from that strategy's paired comparisons.
+    claim2 = [results["cells"][cell]["constant κ=0.5"][f"{k}_minus_none"]["verdict"]
+              for k in ("grad_log_norm", "grad_oscillation", "loss_spread")]
+    assert results["claims"]["2"]["by_strategy"] == {"constant κ=0.5": study.overall(claim2)}
     text = (sweep / "report" / "report.md").read_text()
+    assert "Scale: 16x16 images (digits), 6 steps at batch 32, 2 seeds." in text
+    # Collapse: the mean loss of the last 10% of logged steps above 0.5, counted per cell.
+    def last_losses(run):
+        rows = [(int(r["step"]), float(r["train/loss"])) for r in csv.DictReader(
+            open(run / "csv" / "version_0" / "metrics.csv")) if r.get("train/loss")]
+        last = max(s for s, _ in rows)
+        return [v for s, v in rows if s >= 0.9 * last]
+
+    losses = {(r.parts[-2], r.parts[-1]): last_losses(r) for r in runs}
+    expected_collapsed = sum(np.mean(v) > 0.5 for k, v in losses.items() if k[0] == "none")
+    assert results["collapsed"]["none"][cell] == expected_collapsed
+    assert results["cells"][cell]["none"]["final_loss"]["mean"] == pytest.approx(
+        np.mean([np.mean(v) for k, v in losses.items() if k[0] == "none"]), rel=1e-9)
     assert "| constant κ=0.5 | log gradient norm, 2nd half |" in text and "**Claim 2.**" in text
     assert (sweep / "report" / "quality.png").is_file()
+
+
+def test_a_claims_verdict_needs_half_of_its_comparisons_and_no_contrary_one():
+    assert study.overall(["held", "held", "inconclusive"]) == "held"
+    assert study.overall(["held", "inconclusive", "inconclusive"]) == "inconclusive"  # one of three
+    assert study.overall(["held", "held", "did not hold"]) == "inconclusive"  # contradicted
+    assert study.overall(["did not hold", "inconclusive"]) == "did not hold"
+    assert study.overall([]) == "inconclusive"
 
 
 def test_the_paper_comparison_is_the_papers_cifar10_setup():
@@ -86,7 +114,7 @@ def test_the_paper_comparison_is_the_papers_cifar10_setup():
     fid = cfg["callbacks"]["fid"]
     assert (fid["every_n_steps"], fid["num_samples"], fid["sampler"], fid["steps"]) == (50_000, 10_000, "dpm_solver", 50)
     check = compose(["experiment=paper_comparison_check", "scaling=none"])
-    assert check["train"]["max_steps"] == 3000 and check["callbacks"]["fid"]["every_n_steps"] == 1500
+    assert check["train"]["max_steps"] == 1000 and check["callbacks"]["fid"]["every_n_steps"] == 500
     assert check["model"] == compose(["experiment=paper_comparison", "scaling=none"])["model"]
 
 

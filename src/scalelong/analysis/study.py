@@ -63,6 +63,9 @@ def inception_kid(run: Run) -> float:
     return math.nan if kid is None else float(kid)
 
 
+COLLAPSED_LOSS = 0.5  # a run ending above it has forgotten most of what it learned (noise prediction: 1 = none)
+
+
 # Each measure: (key, what it is, the claim it serves, run -> value, lower is what the paper predicts)
 MEASURES: list[tuple[str, str, str, Callable[[Run], float]]] = [
     ("feature_log_norm", "log feature norm (mean over blocks), 2nd half", "1",
@@ -78,8 +81,12 @@ MEASURES: list[tuple[str, str, str, Callable[[Run], float]]] = [
     ("robustness", "||f(x_t + d) - f(x_t)|| / ||d||, mean over t and 2nd half", "3",
      lambda r: _robustness(r)),
     ("nonfinite", "non-finite steps skipped", "-", lambda r: _last(r.series("train/nonfinite_skipped"), 0.0)),
+    ("final_loss", "training loss, mean over the last 10% of steps", "-",
+     lambda r: _mean(_last_tenth(r, r.series("train/loss")))),
+    ("collapsed", f"collapsed: that loss above {COLLAPSED_LOSS} (1 = predicting no noise at all)", "-",
+     lambda r: _collapsed(r)),
     ("final_quality", "final FD in digit-classifier features", "5", lambda r: _final_quality(r)),
-    ("inception_kid", "final KID (Inception, 100 samples)", "5", inception_kid),
+    ("inception_kid", "final KID (Inception, quick_eval.num samples)", "5", inception_kid),
 ]
 
 
@@ -89,6 +96,19 @@ def _mean(series: Series | None) -> float:
 
 def _last(series: Series | None, default: float = math.nan) -> float:
     return float(series[1][-1]) if series is not None and len(series[1]) else default
+
+
+def _last_tenth(run: Run, series: Series | None) -> Series | None:
+    """The points of the series' last 10% of steps (from its own last logged step)."""
+    if series is None or not len(series[0]):
+        return None
+    keep = (series[0] >= 0.9 * series[0].max()) & np.isfinite(series[1])
+    return (series[0][keep], series[1][keep]) if keep.any() else None
+
+
+def _collapsed(run: Run) -> float:
+    loss = _mean(_last_tenth(run, run.series("train/loss")))
+    return math.nan if not math.isfinite(loss) else float(loss > COLLAPSED_LOSS)
 
 
 def _robustness(run: Run) -> float:
@@ -178,6 +198,37 @@ def verdict(mean: float, half: float) -> str:
     return "inconclusive"
 
 
+def overall(verdicts: Sequence[str]) -> str:
+    """One verdict from several paired comparisons (cells x measures): held, or did not hold, when
+    at least half of them say so and none says the opposite; otherwise inconclusive."""
+    held, against = verdicts.count("held"), verdicts.count("did not hold")
+    if held and not against and 2 * held >= len(verdicts):
+        return "held"
+    if against and not held and 2 * against >= len(verdicts):
+        return "did not hold"
+    return "inconclusive"
+
+
+def _scale(runs: Sequence[StudyRun]) -> str:
+    """What these runs are, next to the paper's: the limit of any verdict drawn from them."""
+    def values(path: str) -> str:
+        got = sorted({str(_get(s.run.config, path)) for s in runs})
+        return "/".join(got)
+
+    return (f"Scale: {values('dataset.image_size')}x{values('dataset.image_size')} images "
+            f"({values('dataset.name')}), {values('train.max_steps')} steps at batch {values('train.batch_size')}, "
+            f"{len({s.seed for s in runs})} seeds. The paper trains 32x32 to 256x256 images for 250k-1M steps "
+            "with models of 44M+ parameters: a verdict here says what the strategies do in short runs of "
+            "small models, where feature norms have little time to grow; it does not settle the paper's "
+            "claims at its scale (experiment=paper_comparison does, on GPUs).")
+
+
+def _get(config: dict, path: str) -> Any:
+    for key in path.split("."):
+        config = config.get(key) if isinstance(config, dict) else None
+    return config
+
+
 def _fmt(x: float) -> str:
     if not math.isfinite(x):
         return "∞" if x == math.inf else "–"
@@ -217,7 +268,8 @@ def write_study_report(paths: Sequence[str | Path], out: Path, title: str = "Stu
     parts = [f"# {title}", "", f"{len(runs)} runs: {len(cells)} cells x {len(arms)} strategies x "
              f"{len(seeds)} seeds ({', '.join(map(str, seeds))}). Every figure is the mean over seeds ± the "
              "half-width of its 95% t interval; comparisons with `none` are paired by seed (the same seed "
-             "shares the data order, the noise and the initial weights of the shared layers).", ""]
+             "shares the data order, the noise and the initial weights of the shared layers).", "",
+             _scale(runs), ""]
     verdicts: dict[str, list[tuple[str, str, str, str]]] = {c: [] for c in CLAIM_MEASURES}
     for cell in cells:
         members = [s for s in runs if s.cell == cell]
@@ -255,10 +307,23 @@ def write_study_report(paths: Sequence[str | Path], out: Path, title: str = "Stu
             continue
         got = verdicts.get(claim, [])
         count = {v: sum(1 for *_, x in got if x == v) for v in ("held", "did not hold", "inconclusive")}
-        results["claims"][claim] = count
+        by_arm = {arm: overall([v for _, a, _, v in got if a == arm]) for arm in dict.fromkeys(a for _, a, _, _ in got)}
+        results["claims"][claim] = {**count, "by_strategy": by_arm}
         parts += [f"**Claim {claim}.** {text} Paired comparisons with `none` (strategy x cell x measure): "
                   f"held {count['held']}, did not hold {count['did not hold']}, inconclusive "
-                  f"{count['inconclusive']}.", ""]
+                  f"{count['inconclusive']}. Per strategy (held or did not hold when at least half of its "
+                  "comparisons say so and none says the opposite): "
+                  + "; ".join(f"{arm}: {v}" for arm, v in by_arm.items()) + ".", ""]
+    # The stress cells' main outcome: which runs collapsed, per strategy and cell.
+    collapsed = {arm: {cell: int(sum(s.values["collapsed"] == 1 for s in runs if s.cell == cell and s.arm == arm))
+                       for cell in cells} for arm in arms}
+    results["collapsed"] = collapsed
+    parts += [f"**Collapse.** Runs whose training loss over the last 10% of steps stayed above {COLLAPSED_LOSS} "
+              "(of the seeds of each cell):", "", "| strategy | " + " | ".join(cells) + " | all |",
+              "|---|" + "---|" * (len(cells) + 1)]
+    parts += [f"| {arm} | " + " | ".join(str(collapsed[arm][c]) for c in cells) + f" | {sum(collapsed[arm].values())} |"
+              for arm in arms]
+    parts += [""]
     plots = _plots(runs, cells, arms, out)
     for name, caption in plots.items():
         parts += [f"{caption}:", "", f"![{name}]({name})", ""]
