@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from scalelong.analysis.report import BASELINE, Run, Series, _save, _strategy_order, load_runs
+from scalelong.training.loggers import flat_config
 from scalelong.utils.errors import ConfigError
 from scalelong.utils.io import write_text
 
@@ -81,8 +82,7 @@ MEASURES: list[tuple[str, str, str, Callable[[Run], float]]] = [
     ("robustness", "||f(x_t + d) - f(x_t)|| / ||d||, mean over t and 2nd half", "3",
      lambda r: _robustness(r)),
     ("nonfinite", "non-finite steps skipped", "-", lambda r: _last(r.series("train/nonfinite_skipped"), 0.0)),
-    ("final_loss", "training loss, mean over the last 10% of steps", "-",
-     lambda r: _mean(_last_tenth(r, r.series("train/loss")))),
+    ("final_loss", "training loss, mean over the last 10% of steps", "-", lambda r: _final_loss(r)),
     ("collapsed", f"collapsed: that loss above {COLLAPSED_LOSS} (1 = predicting no noise at all)", "-",
      lambda r: _collapsed(r)),
     ("final_quality", "final FD in digit-classifier features", "5", lambda r: _final_quality(r)),
@@ -106,8 +106,12 @@ def _last_tenth(run: Run, series: Series | None) -> Series | None:
     return (series[0][keep], series[1][keep]) if keep.any() else None
 
 
+def _final_loss(run: Run) -> float:
+    return _mean(_last_tenth(run, run.series("train/loss")))
+
+
 def _collapsed(run: Run) -> float:
-    loss = _mean(_last_tenth(run, run.series("train/loss")))
+    loss = _final_loss(run)
     return math.nan if not math.isfinite(loss) else float(loss > COLLAPSED_LOSS)
 
 
@@ -211,9 +215,10 @@ def overall(verdicts: Sequence[str]) -> str:
 
 def _scale(runs: Sequence[StudyRun]) -> str:
     """What these runs are, next to the paper's: the limit of any verdict drawn from them."""
+    flat = [flat_config(s.run.config) for s in runs]
+
     def values(path: str) -> str:
-        got = sorted({str(_get(s.run.config, path)) for s in runs})
-        return "/".join(got)
+        return "/".join(sorted({str(f.get(path)) for f in flat}))
 
     return (f"Scale: {values('dataset.image_size')}x{values('dataset.image_size')} images "
             f"({values('dataset.name')}), {values('train.max_steps')} steps at batch {values('train.batch_size')}, "
@@ -221,12 +226,6 @@ def _scale(runs: Sequence[StudyRun]) -> str:
             "with models of 44M+ parameters: a verdict here says what the strategies do in short runs of "
             "small models, where feature norms have little time to grow; it does not settle the paper's "
             "claims at its scale (experiment=paper_comparison does, on GPUs).")
-
-
-def _get(config: dict, path: str) -> Any:
-    for key in path.split("."):
-        config = config.get(key) if isinstance(config, dict) else None
-    return config
 
 
 def _fmt(x: float) -> str:

@@ -45,7 +45,9 @@ def _datasets_of(preset: str, model_dir) -> list[str]:
     aliases = sorted((model_dir / "by_dataset").glob("*.yaml"))
     owners = [a.stem.split("_", 1)[1] for a in aliases if f"/model/{preset}@" in a.read_text()]
     for child in sorted(model_dir.glob("*.yaml")):
-        if not owners and f"- {preset}@_here_" in child.read_text():
+        if owners:
+            break
+        if f"- {preset}@_here_" in child.read_text():
             owners = _datasets_of(child.stem, model_dir)
     return owners
 
