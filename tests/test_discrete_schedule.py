@@ -90,7 +90,7 @@ def test_the_mscoco_preset_follows_uvit():
 
 def test_euler_samplers_stay_inside_a_discrete_schedule():
     sde = get_sde("sd_discrete")
-    for sampler in ("euler_ode", "euler_maruyama", "dpm_solver", "dpm_solver_pp"):
+    for sampler in ("euler_ode", "euler_maruyama", "ancestral", "dpm_solver", "dpm_solver_pp"):
         out = sample(lambda x, t: 0.1 * x, sde, (2, 3), sampler=sampler, steps=8,
                      generator=torch.Generator().manual_seed(0), t_end=2e-3)
         assert torch.isfinite(out).all(), sampler

@@ -53,10 +53,11 @@ def test_quickstart_defaults():
     cfg = compose([])
     assert cfg["dataset"]["name"] == "digits" and cfg["model"]["_target_"] == "scalelong.models.UNet"
     assert cfg["model"]["base_channels"] == 24 and cfg["trainer"]["accelerator"] == "cpu"
-    # The quickstart's recipe (README "The quickstart"): no attention, 500 steps, one grid made of
+    # The quickstart's recipe (README "The quickstart"): no attention, 300 steps, one grid made of
     # the 100 scored samples.
-    assert cfg["model"]["attn_resolutions"] == [] and cfg["train"]["max_steps"] == 500
+    assert cfg["model"]["attn_resolutions"] == [] and cfg["train"]["max_steps"] == 300
     assert cfg["quick_eval"] == {"num": 100, "grid": True} and cfg["sample"]["every_n_steps"] == 0
+    assert (cfg["sample"]["sampler"], cfg["sample"]["steps"]) == ("ancestral", 50)
     uvit = compose(["model=uvit"])["model"]
     assert uvit["_target_"] == "scalelong.models.UViT" and uvit["embed_dim"] == 128  # the uvit_tiny preset
 

@@ -1,6 +1,6 @@
 """Samplers of epsilon-prediction VP models, all ``sampler(eps_fn, sde, x_T, steps, ...) -> x_0``:
-Euler-Maruyama and Euler ODE (U-ViT's grids), DPM-Solver-fast, DPM-Solver++(2M) and U-ViT's
-text-to-image DPM-Solver++. Grids and orders of each: ``docs/design.md``, "Samplers"."""
+Euler-Maruyama and Euler ODE (U-ViT's grids), DDPM's ancestral steps, DPM-Solver-fast,
+DPM-Solver++(2M) and U-ViT's text-to-image DPM-Solver++. Grids and orders of each: ``docs/design.md``, "Samplers"."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ __all__ = [
     "sample",
     "euler_maruyama",
     "euler_ode",
+    "ancestral",
     "dpm_solver",
     "dpm_solver_pp",
     "dpm_solver_pp_fast",
@@ -246,6 +247,50 @@ def euler_ode(
     return _euler(eps_fn, sde, x_T, steps, t_end, generator, progress, stochastic=False)
 
 
+@register_sampler("ancestral")
+@torch.no_grad()
+def ancestral(
+    eps_fn: EpsFn,
+    sde: VPSchedule,
+    x_T: Tensor,
+    steps: int = 100,
+    *,
+    t_end: float = EULER_T_END,
+    generator: torch.Generator | None = None,
+    progress: Progress = False,
+) -> Tensor:
+    """Ancestral sampling (DDPM's sampler on the continuous schedule): each step draws x_s from the
+    Gaussian posterior q(x_s | x_t, x_0) with x_0 replaced by the model's estimate, and the last
+    step returns that estimate itself (no noise is left at the end).
+
+    Exact at any step size where x_t determines x_0 (one-point data); otherwise the estimate's own
+    spread is dropped at each step, so samples come out a little narrow at few steps (Gaussian
+    data, linear schedule: std 9% low at 100 steps, 16% at 50), and never noisy. The CPU
+    quickstart's sampler (50 steps; clean digits where Euler-Maruyama needs 200 and leaves noise).
+    Same grid as ``euler_maruyama``: ``steps`` times uniform in [t_end, T], then 0. Not part of
+    the official protocol.
+    """
+    _check(sde, steps, t_end)
+    coefs = _Coefs(sde)
+    grid = euler_time_grid(sde, steps, t_end)
+    x = x_T
+    for i in _Steps(steps, progress, "ancestral"):
+        t, s = grid[i], grid[i + 1]
+        alpha_t, sigma_t = coefs.alpha(t), coefs.sigma(t)
+        x0 = (x - sigma_t * _eval(eps_fn, x, t)) / alpha_t
+        if i == steps - 1:
+            return x0
+        alpha_s, sigma_s = coefs.alpha(s), coefs.sigma(s)
+        # x_t = a x_s + b n with a = alpha_t / alpha_s, b^2 = sigma_t^2 - a^2 sigma_s^2; the
+        # posterior of x_s given x_t and x_0 weighs the two by their variances.
+        a = alpha_t / alpha_s
+        b2 = max(sigma_t ** 2 - a ** 2 * sigma_s ** 2, 0.0)
+        mean = (a * sigma_s ** 2 / sigma_t ** 2) * x + (alpha_s * b2 / sigma_t ** 2) * x0
+        noise = torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=generator)
+        x = mean + (math.sqrt(b2) * sigma_s / sigma_t) * noise
+    return x
+
+
 # --- DPM-Solver (noise prediction, singlestep) -----------------------------------------------------
 
 
@@ -468,8 +513,8 @@ def sample(
         eps_fn: ``eps_fn(x (B, ...), t (B,)) -> eps``, e.g. a ``NoisePredictor``.
         sde: the noise schedule the model was trained with.
         shape_or_x_T: a shape (B, ...) to draw x_T with ``generator``, or x_T itself.
-        sampler: a name in ``SAMPLERS`` ("euler_maruyama", "euler_ode", "dpm_solver", "dpm_solver_pp",
-            "dpm_solver_pp_fast").
+        sampler: a name in ``SAMPLERS`` ("euler_maruyama", "euler_ode", "ancestral", "dpm_solver",
+            "dpm_solver_pp", "dpm_solver_pp_fast").
         steps: number of network evaluations.
         generator: used for x_T (when a shape is given) and for the sampler's noise.
         device, dtype: where and how to draw x_T (device defaults to the generator's device).
