@@ -9,15 +9,6 @@ import math
 import pytest
 import torch
 from conftest import load_script
-from torch import nn
-
-
-@pytest.fixture
-def quick_compile(monkeypatch):
-    """model.compile through TorchDynamo and AOTAutograd without Inductor's minutes of C++ on
-    this CPU: the benchmark's plumbing is under test here, not Inductor."""
-    real = nn.Module.compile
-    monkeypatch.setattr(nn.Module, "compile", lambda self, **kw: real(self, backend="aot_eager", **kw))
 
 
 def test_every_part_of_the_benchmark_on_tiny_models(tmp_path, quick_compile, capsys):

@@ -7,23 +7,31 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, run_in_one_process
 
 
-def run_train(tmp_path, *overrides):
-    run_dir = tmp_path / "run"
-    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={run_dir}", *overrides],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
-    return proc, run_dir
-
-
-@pytest.mark.parametrize("overrides, expected", [
+# Commands that stop before training run one after the other in one fresh process per group
+# (conftest.run_in_one_process): what each would cost on its own is the interpreter's imports.
+BAD_SCALING = [
     (["scaling.name=lernable"], "valid strategies: none, sqrt2, constant, learnable, learnable_nonshared"),
     (["scaling=constant", "scaling.kappa=0"], "kappa must lie in (0, 1], got 0"),
     (["scaling=constant", "scaling.kappa=1.5"], "kappa must lie in (0, 1], got 1.5"),
-])
-def test_bad_scaling_is_one_line_and_leaves_no_run_folder(tmp_path, overrides, expected):
-    proc, run_dir = run_train(tmp_path, *overrides)
+]
+
+
+@pytest.fixture(scope="module")
+def bad_scaling_runs(tmp_path_factory):
+    work = tmp_path_factory.mktemp("bad_scaling")
+    runs = [work / f"run{k}" for k in range(len(BAD_SCALING))]
+    procs = run_in_one_process([[str(ROOT / "train.py"), f"hydra.run.dir={run}", *overrides]
+                                for run, (overrides, _) in zip(runs, BAD_SCALING)], cwd=work)
+    return list(zip(procs, runs))
+
+
+@pytest.mark.parametrize("case", range(len(BAD_SCALING)))
+def test_bad_scaling_is_one_line_and_leaves_no_run_folder(bad_scaling_runs, case):
+    proc, run_dir = bad_scaling_runs[case]
+    expected = BAD_SCALING[case][1]
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], proc.stderr
@@ -64,24 +72,38 @@ def test_hydras_full_message_stays_available(tmp_path):
     assert proc.returncode != 0 and "Could not find 'scaling/lernable'" in proc.stderr
 
 
-@pytest.mark.parametrize("dataset, data_dir, expected", [
+MISSING_DATA = [
     ("cifar10", "nowhere", "could not download https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"),
     ("celeba64", "", "no folder given for CelebA: set dataset.data_dir="),
     ("imagenet64", "nowhere", "ImageNet 64x64 is not prepared"),
     ("mscoco", "nowhere", "MS-COCO 256 features not found"),
-])
-def test_missing_data_stops_before_any_logger_or_run_folder(tmp_path, dataset, data_dir, expected, monkeypatch):
+]
+
+
+@pytest.fixture(scope="module")
+def missing_data_runs(tmp_path_factory):
+    # W&B offline, as by default; no network here, and where there is one, a proxy that refuses
+    # stands in for it (CIFAR10's download).
+    env = {**os.environ, "WANDB_MODE": "offline", "https_proxy": "http://127.0.0.1:9",
+           "HTTPS_PROXY": "http://127.0.0.1:9"}
+    work = tmp_path_factory.mktemp("missing_data")
+    cases = [work / f"case{k}" for k in range(len(MISSING_DATA))]
+    commands = []
+    for case, (dataset, data_dir, _) in zip(cases, MISSING_DATA):
+        case.mkdir()
+        folder = str(case / data_dir) if data_dir else ""
+        commands.append([str(ROOT / "train.py"), f"dataset={dataset}", f"dataset.data_dir={folder}",
+                         f"hydra.run.dir={case / 'run'}"])
+    return list(zip(run_in_one_process(commands, cwd=work, env=env), cases))
+
+
+@pytest.mark.parametrize("case", range(len(MISSING_DATA)), ids=[d for d, _, _ in MISSING_DATA])
+def test_missing_data_stops_before_any_logger_or_run_folder(missing_data_runs, case):
     """Offline CIFAR10, or a data set that is not there: one line, exit 2, no run folder and no W&B
-    run (W&B offline, as by default), before Lightning is even imported."""
-    env = {**os.environ, "WANDB_MODE": "offline"}
-    if dataset == "cifar10":  # no network here; where there is one, a proxy that refuses stands in
-        env.update(https_proxy="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9")
-    folder = str(tmp_path / data_dir) if data_dir else ""
-    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), f"dataset={dataset}", f"dataset.data_dir={folder}",
-                           f"hydra.run.dir={tmp_path / 'run'}"], capture_output=True, text=True, cwd=tmp_path,
-                          timeout=120, env=env)
-    assert expected in one_error_line(proc)
-    assert not (tmp_path / "run").exists() and not list(tmp_path.rglob("wandb"))
+    run, before Lightning is even imported."""
+    proc, folder = missing_data_runs[case]
+    assert MISSING_DATA[case][2] in one_error_line(proc)
+    assert not (folder / "run").exists() and not list(folder.parent.rglob("wandb"))
 
 
 def test_precision_follows_the_accelerator_unless_set():

@@ -1,5 +1,8 @@
 """DDP on the CPU (gloo): same training as one process, sweeps whose jobs keep to themselves,
-and checkpoints that resume in a single process."""
+and checkpoints that resume in a single process. The tests share one two-process launch (each
+costs two interpreters' imports and a gloo rendezvous): a DDP sweep whose first job fails and
+whose second trains with the in-training FID callback (test_fid_callback.py tests it in one
+process)."""
 
 from __future__ import annotations
 
@@ -8,10 +11,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import ROOT, compose
 
 from scalelong.cli.train import train
+from scalelong.training.fid_callback import best_entry, read_history
 
 # Dropout masks are drawn per rank, so they differ between 1 and 2 processes: switch it off to
 # compare the two runs step by step.
@@ -20,7 +25,7 @@ COMMON = ["experiment=smoke", "logger=csv", "train.batch_size=16", "train.max_st
 
 
 def train_cli(cwd: Path, *overrides: str, timeout: int = 240) -> subprocess.CompletedProcess:
-    env = {"OMP_NUM_THREADS": "1"}
+    env = {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "tests")}  # fid_helpers, for the FID callback
     import os
 
     return subprocess.run([sys.executable, str(ROOT / "train.py"), *overrides], cwd=cwd, capture_output=True,
@@ -37,13 +42,38 @@ def losses(run_dir: Path) -> dict[int, float]:
     return out
 
 
-def test_two_process_ddp_matches_one_process(tmp_path):
-    ddp_dir = tmp_path / "ddp"
-    proc = train_cli(tmp_path, *COMMON, "trainer.devices=2", "trainer.strategy=ddp", f"hydra.run.dir={ddp_dir}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    single = train(compose(COMMON[:1] + COMMON[1:], tmp_path / "single"))
+def fid_overrides(ref: Path) -> list[str]:
+    """The FID callback every 2 steps on 7 samples, a fixed random linear map for Inception."""
+    return ["callbacks=fid", "callbacks.fid.every_n_steps=2", "callbacks.fid.num_samples=7",
+            "callbacks.fid.sampler=euler_ode", "callbacks.fid.steps=2", "callbacks.fid.chunk_size=2",
+            "callbacks.fid.kid_max=7", f"callbacks.fid.ref={ref}",
+            "+callbacks.fid.feature_extractor._target_=fid_helpers.LinearFeatures"]
 
-    a, b = losses(ddp_dir), losses(tmp_path / "single")
+
+@pytest.fixture(scope="module")
+def ddp_sweep(tmp_path_factory, ref_path):
+    """One two-process launch for the tests below (each costs two interpreters' imports and a
+    gloo rendezvous): a DDP sweep over the global batch, 7 then 16. 7 cannot be split over 2
+    processes, so job 0 fails; job 1 trains 5 steps with the FID callback on both ranks."""
+    work = tmp_path_factory.mktemp("ddp")
+    sweep = work / "sweep"
+    proc = train_cli(work, "-m", *COMMON, *fid_overrides(ref_path), "trainer.devices=2", "trainer.strategy=ddp",
+                     "train.batch_size=7,16", f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=${hydra.job.num}")
+    return work, sweep, proc
+
+
+@pytest.mark.slow
+def test_two_process_ddp_matches_one_process(ddp_sweep, ref_path):
+    """Both runs carry the FID callback (it samples with its own seeded generators, so it leaves
+    the training as it is); under DDP two gloo ranks share its samples, log once, write one
+    history and save the best checkpoint together."""
+    work, sweep, proc = ddp_sweep
+    ddp_dir = sweep / "1"
+    assert (ddp_dir / "metrics.json").is_file(), proc.stderr[-3000:]
+    fid = fid_overrides(ref_path)
+    single = train(compose(COMMON[:1] + COMMON[1:] + fid, work / "single"))
+
+    a, b = losses(ddp_dir), losses(work / "single")
     assert sorted(a) == sorted(b) == [0, 1, 2, 3, 4]
     # Same global batch, same noise: only the order of float additions differs (the gradient
     # all-reduce averages two half-batch means), so the curves agree to float32 rounding.
@@ -57,18 +87,33 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     for k, v in single["module"].state_dict().items():
         torch.testing.assert_close(ddp_state[k], v, rtol=0, atol=5 * lr, msg=k)
 
-    # The DDP checkpoint resumes in a single process.
-    resumed = train(compose([*COMMON, "train.max_steps=7", f"ckpt_path={ddp_dir / 'checkpoints' / 'last.ckpt'}"],
-                            tmp_path / "resumed"))
+    # The FID callback under two processes: one history of 7 samples per evaluation, shared by
+    # the 2 ranks, and the best checkpoint is the one the history names.
+    history = read_history(ddp_dir / "fid_history.json")
+    assert [(e["step"], e["num"], e["world_size"]) for e in history] == [(2, 7, 2), (4, 7, 2)]
+    ckpt = torch.load(ddp_dir / "checkpoints" / "best_fid.ckpt", weights_only=False, map_location="cpu")
+    assert ckpt["global_step"] == best_entry(history)["step"]
+
+    # The DDP checkpoint resumes in a single process (with the callbacks it was saved with).
+    resumed = train(compose([*COMMON, *fid, "train.max_steps=7",
+                             f"ckpt_path={ddp_dir / 'checkpoints' / 'last.ckpt'}"], work / "resumed"))
     assert resumed["trainer"].global_step == 7
 
 
-def test_a_failing_sweep_job_does_not_stop_the_others(tmp_path):
-    sweep = tmp_path / "sweep"
+@pytest.mark.slow
+def test_a_failing_sweep_job_does_not_stop_the_others(ddp_sweep):
+    work, sweep, proc = ddp_sweep
     # Global batch 7 cannot be split over 2 processes: job 0 fails, job 1 must still run.
-    proc = train_cli(tmp_path, "-m", *COMMON, "train.max_steps=2", "trainer.devices=2", "trainer.strategy=ddp",
-                     "train.batch_size=7,8", f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=${hydra.job.num}")
     assert proc.returncode != 0
     assert "global batch 7 is not divisible by the world size 2" in proc.stderr
     assert (sweep / "1" / "checkpoints" / "last.ckpt").is_file()
     assert not (sweep / "0").exists()  # the failed job left no half-written folder
+    # Job 1 ran once, on both ranks, in its own folder: the second rank re-runs only its job, not
+    # the sweep (test_readme runs the README's DDP sweep with a world of one).
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["1"]
+    logged = []
+    for path in (sweep / "1").glob("csv/version_*/metrics.csv"):
+        with open(path) as f:
+            logged += [int(row["step"]) for row in csv.DictReader(f) if row.get("train/loss")]
+    assert sorted(logged) == [0, 1, 2, 3, 4]  # five steps, logged once each
+    assert "batch_size: 16" in (sweep / "1" / "config.yaml").read_text()

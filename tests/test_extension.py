@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, run_in_one_process
 
 MODULE = '''
 import torch
@@ -77,10 +77,13 @@ def run(cwd: Path, extension: Path, *args: str) -> subprocess.CompletedProcess:
 def test_a_strategy_and_a_backbone_from_outside_train_sweep_and_report(tmp_path, extension):
     searchpath = f"hydra.searchpath=[file://{extension / 'conf'}]"
     sweep = tmp_path / "sweep"
-    # A sweep over a built-in strategy and the user's, on the user's backbone, 2 steps each.
-    proc = run(tmp_path, extension, str(ROOT / "train.py"), "-m", searchpath, "model=tinynet", "scaling=none,half",
-               "experiment=smoke", "logger=csv", "train.max_steps=2", f"hydra.sweep.dir={sweep}",
-               "hydra.sweep.subdir=${hydra.job.num}")
+    # A sweep over a built-in strategy and the user's, on the user's backbone, 2 steps each; then
+    # the report on it (both in one process: one interpreter's imports).
+    env = {**os.environ, "PYTHONPATH": str(extension), "OMP_NUM_THREADS": "1"}
+    proc, report_proc = run_in_one_process(
+        [[str(ROOT / "train.py"), "-m", searchpath, "model=tinynet", "scaling=none,half", "experiment=smoke",
+          "logger=csv", "train.max_steps=2", f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=${hydra.job.num}"],
+         [str(ROOT / "scripts" / "report.py"), str(sweep)]], cwd=tmp_path, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     config = (sweep / "1" / "config.yaml").read_text()
     assert "_target_: my_ext.HalfScaling" in config and "_target_: my_ext.TinyNet" in config
@@ -91,8 +94,7 @@ def test_a_strategy_and_a_backbone_from_outside_train_sweep_and_report(tmp_path,
     assert ckpt["global_step"] == 2 and any(k.startswith("net.up.") for k in ckpt["state_dict"])
 
     # The report names the new strategy (and its paper name from the class).
-    proc = run(tmp_path, extension, str(ROOT / "scripts" / "report.py"), str(sweep))
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert report_proc.returncode == 0, report_proc.stderr[-3000:]
     report = (sweep / "report" / "report.md").read_text()
     assert "| half |" in report and "half (half-CS)" in report and "none (Org)" in report
 

@@ -38,18 +38,23 @@ def inception(tmp_path_factory):
         return inc.load_inception("clean", device="cpu")
 
 
+# Images per set: at about 0.4 CPU-seconds an image, 8 keep the orderings below clear (measured:
+# FID digits/digits over digits/noise 0.28 with 8, 0.19 with 16; KID 0.025 and 0.016).
+PER_SET = 8
+
+
 @pytest.fixture(scope="module")
 def digit_sets():
     digits = load_digits_images(32).images  # 32 x 32 grey, upscaled to 299 by clean-fid's resize
     g = torch.Generator().manual_seed(0)
     perm = torch.randperm(len(digits), generator=g)
-    noise = torch.randint(0, 256, (16, 3, 32, 32), generator=g, dtype=torch.uint8)
-    return digits[perm[:16]], digits[perm[16:32]], noise
+    noise = torch.randint(0, 256, (PER_SET, 3, 32, 32), generator=g, dtype=torch.uint8)
+    return digits[perm[:PER_SET]], digits[perm[PER_SET:2 * PER_SET]], noise
 
 
 @pytest.fixture(scope="module")
 def features(inception, digit_sets):
-    return [extract_features(s, inception, batch_size=16).double().numpy() for s in digit_sets]
+    return [extract_features(s, inception, batch_size=PER_SET).double().numpy() for s in digit_sets]
 
 
 def test_weights_come_from_the_wheel_with_the_published_sha1(inception):
@@ -60,7 +65,7 @@ def test_weights_come_from_the_wheel_with_the_published_sha1(inception):
 
 def test_features_order_fid_and_kid_sensibly(features):
     a, b, noise = features
-    assert a.shape == (16, 2048) and (a >= 0).all()  # after ReLU and average pooling
+    assert a.shape == (PER_SET, 2048) and (a >= 0).all()  # after ReLU and average pooling
     (ma, sa), (mb, sb), (mn, sn) = mean_and_cov(a), mean_and_cov(b), mean_and_cov(noise)
     assert frechet_distance(ma, sa, ma, sa) < 1e-6
     digits_vs_digits, digits_vs_noise = frechet_distance(ma, sa, mb, sb), frechet_distance(ma, sa, mn, sn)

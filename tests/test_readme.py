@@ -3,8 +3,12 @@
 Each command keeps its own overrides; appended after them (so they win) come only what makes it
 small: 2 training steps, a tiny model of the same class, tiny sample grids, generated files in
 the data set's real format, the CPU instead of a GPU. The quick evaluation stays on (8 samples,
-real Inception), and DDP commands run two gloo processes. Commands that need a cluster (SLURM
-through submitit) are composed, not launched. A README line that stops working fails here.
+real Inception). The CPU DDP line runs two gloo processes; the GPU DDP lines (``trainer=ddp
+dataset=cifar10`` and the DDP sweep) run in the in-process driver, last, with trainer.devices=1:
+Lightning's DDP strategy with a world of one, its code path and gloo process group included (a
+2-rank launch costs two interpreters' imports; two ranks of a sweep's jobs are
+test_distributed.py's). Commands that need a cluster (SLURM through submitit) are composed, not
+launched. A README line that stops working fails here.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import torch
 from conftest import ROOT, compose
 from PIL import Image
 from test_extension import MODULE  # the README's example strategy, as the extension test writes it
+from test_sweeps import check_optuna_search_over_kappa
 
 from scalelong.utils.io import grid_image
 
@@ -99,7 +104,8 @@ def hydra_sweep(overrides: list[str]) -> tuple[str | None, dict[str, str], int |
 
 
 def toy_command(command: str, work: Path, ext: Path, run: Path) -> tuple[list[str], str]:
-    """(argv after ``python``, how it is run: "run", "ddp" or "compose") for a README command."""
+    """(argv after ``python``, how it is run: "run", "ddp" (two processes), "ddp1" (DDP with a world
+    of one, in-process) or "compose") for a README command."""
     args = command.split()[2:]
     args = [a for a in args if a != "..."]
     args = [a.replace("<run>", run.name).replace("file:///abs/path/my_conf", f"file://{ext / 'my_conf'}")
@@ -134,8 +140,12 @@ def toy_command(command: str, work: Path, ext: Path, run: Path) -> tuple[list[st
     if cfg["trainer"]["accelerator"] != "cpu":
         extra.append("trainer.accelerator=cpu")
     if cfg["trainer"].get("strategy") == "ddp" or cfg["trainer"]["devices"] not in (1, "1"):
-        extra.append("trainer.devices=2")
-        mode = "ddp"
+        if "trainer.accelerator=cpu" in command:  # the CPU DDP line: 2 ranks, as typed
+            extra.append("trainer.devices=2")
+            mode = "ddp"
+        else:  # a GPU node's DDP line (or sweep): the DDP strategy on one CPU process
+            extra.append("trainer.devices=1")
+            mode = "ddp1"
     if any(a.startswith("cluster=") for a in args):
         mode = "compose"  # submitit would submit the jobs to SLURM
     if command == "python train.py":  # the default run folder, which resume=outputs/runs/<run> continues
@@ -194,7 +204,10 @@ def test_every_train_command_of_the_readme_runs(tmp_path):
     assert commands.index("python train.py") < next(i for i, c in enumerate(commands) if "resume=" in c)
     run = "RUN"  # `resume=outputs/runs/<run>`: the folder the quickstart line made, known once it ran
     plans = [(command, *toy_command(command, work, ext, Path(run))) for command in commands]
-    in_process = [[str(ROOT / argv[0]), *argv[1:]] for _, argv, mode in plans if mode != "ddp"]
+    # In README order; the DDP runs with a world of one last (their gloo process group stays up).
+    in_process = [[str(ROOT / argv[0]), *argv[1:]] for _, argv, mode in plans if mode not in ("ddp", "ddp1")]
+    in_process += [[str(ROOT / argv[0]), *argv[1:]] for _, argv, mode in plans if mode == "ddp1"]
+    assert len(in_process) == len(plans) - 1  # all but the CPU DDP line
     (work / "commands.json").write_text(json.dumps(in_process))
     driver = subprocess.run([sys.executable, "-c", DRIVER, str(work / "commands.json")], cwd=work, env=env,
                             capture_output=True, text=True, timeout=900)
@@ -210,6 +223,11 @@ def test_every_train_command_of_the_readme_runs(tmp_path):
     assert (runs[0] / "checkpoints" / "last.ckpt").is_file() and (runs[0] / "config.yaml").is_file()
     assert json.loads((runs[0] / "quick_eval.json").read_text())["num"] == 8
     assert torch.load(runs[0] / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
+    # The Optuna search over kappa: its trials and results (test_sweeps.py's checks, on this run).
+    optuna = next((argv for command, argv, mode in plans if command == "python train.py hparams_search=kappa"), None)
+    assert optuna is not None, "the README's Optuna line is gone: test_sweeps.py's search needs a launch of its own"
+    check_optuna_search_over_kappa(Path(next(a.split("=", 1)[1] for a in optuna
+                                             if a.startswith("hydra.sweep.dir="))))
 
     for command, argv, mode in plans:
         if mode != "ddp":
@@ -219,9 +237,8 @@ def test_every_train_command_of_the_readme_runs(tmp_path):
         print("DDP", command, flush=True)
         assert proc.returncode == 0, f"{command}:\n{proc.stderr[-3000:]}"
         assert "Traceback" not in proc.stderr, f"{command}:\n{proc.stderr[-3000:]}"
-    # The DDP sweep ran each job once, in its own folder (Lightning's second rank re-runs only that
-    # job), and left no other run folders.
-    sweep_argv = next(argv for command, argv, mode in plans if mode == "ddp" and "-m" in argv)
+    # The DDP sweep ran each job once, in its own folder, and left no other run folders.
+    sweep_argv = next(argv for command, argv, mode in plans if mode == "ddp1" and "-m" in argv)
     sweep = Path(next(a.split("=", 1)[1] for a in sweep_argv if a.startswith("hydra.sweep.dir=")))
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
     assert [p.name.split("_", 1)[0] for p in jobs] == ["0", "1"]
@@ -229,6 +246,12 @@ def test_every_train_command_of_the_readme_runs(tmp_path):
         assert f"name: {scaling}" in (job / "config.yaml").read_text()
         assert sorted(logged_steps(job)) == [0, 1]  # two steps, logged once each: one run per job
     assert len(list((work / "outputs" / "runs").iterdir())) == 1  # still only the quickstart's folder
+    # The GPU node's DDP line ran under the DDP strategy (a world of one here) to its last step.
+    for command, argv, mode in plans:
+        if mode == "ddp1" and "-m" not in argv:
+            folder = Path(next(a.split("=", 1)[1] for a in argv if a.startswith("hydra.run.dir=")))
+            assert "strategy: ddp" in (folder / "config.yaml").read_text(), command
+            assert json.loads((folder / "metrics.json").read_text())["step"] == 2, command
     # The CPU DDP quickstart ran with its KID/FID at the end, on both ranks, written once.
     ddp_quickstart = next(argv for command, argv, mode in plans if "trainer.accelerator=cpu" in command)
     folder = Path(next(a.split("=", 1)[1] for a in ddp_quickstart if a.startswith("hydra.run.dir=")))

@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, compose
+from conftest import ROOT, compose, run_in_one_process
 from scipy import stats
 
 from scalelong.analysis import study
@@ -41,8 +41,10 @@ def test_the_study_configuration_is_the_designed_one():
 def test_a_toy_study_runs_resumes_and_reports_intervals_from_the_runs(tmp_path):
     sweep = tmp_path / "study"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SCALELONG_CACHE": str(tmp_path / "cache")}
-    command = [sys.executable, str(ROOT / "train.py"), "-m", "experiment=study_cpu", *TOY, f"hydra.sweep.dir={sweep}"]
-    proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    command = [str(ROOT / "train.py"), "-m", "experiment=study_cpu", *TOY, f"hydra.sweep.dir={sweep}"]
+    # The sweep, the same command again and the report, one after the other in one process.
+    proc, again, report = run_in_one_process([command, command, [str(ROOT / "scripts" / "study.py"), str(sweep)]],
+                                             cwd=tmp_path, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = sorted(p.parent for p in sweep.rglob("metrics.json"))
     assert [str(r.relative_to(sweep)) for r in runs] == [
@@ -50,11 +52,8 @@ def test_a_toy_study_runs_resumes_and_reports_intervals_from_the_runs(tmp_path):
     history = json.loads((runs[0] / "fd_digits_history.json").read_text())
     assert [e["step"] for e in history] == [3, 6] and history[0]["num"] == 16  # quality along training
     # The same command again: every run is done, none trains again.
-    again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and again.stdout.count("finished already") == 4, again.stdout[-2000:]
 
-    report = subprocess.run([sys.executable, str(ROOT / "scripts" / "study.py"), str(sweep)], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=300)
     assert report.returncode == 0, report.stderr[-3000:]
     results = json.loads((sweep / "report" / "results.json").read_text())
     cell = next(iter(results["cells"]))

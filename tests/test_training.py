@@ -62,6 +62,23 @@ def test_quickstart_defaults():
     assert uvit["_target_"] == "scalelong.models.UViT" and uvit["embed_dim"] == 128  # the uvit_tiny preset
 
 
+def test_the_digits_are_scikit_learns_read_from_its_file():
+    """The built-in data set, read from scikit-learn's own file without importing it, is exactly
+    what ``sklearn.datasets.load_digits`` gives; the 16x16 images keep the labels' order."""
+    import numpy as np
+    from sklearn import datasets
+
+    from scalelong.data.digits import digits_arrays, digits_csv, load_digits_images
+
+    assert digits_csv() is not None  # the direct path is the one taken here
+    pixels, labels = digits_arrays()
+    reference = datasets.load_digits()
+    assert np.array_equal(pixels, reference.images) and np.array_equal(labels, reference.target)
+    data = load_digits_images(16)
+    assert data.images.shape == (1797, 1, 16, 16) and data.images.dtype == torch.uint8
+    assert torch.equal(data.labels, torch.as_tensor(reference.target))
+
+
 def test_warmup_schedule_values():
     assert [warmup_constant(s, 4) for s in range(6)] == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
     assert warmup_constant(0, 0) == 1.0
@@ -160,7 +177,8 @@ def _fixed_loss(module: DiffusionModule, images: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("model", ["unet", "uvit"])
 def test_a_few_steps_make_the_loss_fall(tmp_path, model):
-    cfg = smoke(tmp_path, f"model={model}", "scaling=learnable", "train.max_steps=30", "train.batch_size=32",
+    # 15 steps: measured loss ratios 0.15 (unet) and 0.55 (uvit), against 0.09 and 0.50 after 30
+    cfg = smoke(tmp_path, f"model={model}", "scaling=learnable", "train.max_steps=15", "train.batch_size=32",
                 "optim.lr=2e-3")
     torch.manual_seed(cfg["seed"])
     before_module = build_module(cfg)
@@ -217,8 +235,9 @@ def test_checkpoint_restores_model_ema_and_optimizer(tmp_path):
     assert restored.net.skip_scaling.kappa == 0.6 and restored.step == 3
 
 
-def test_compiled_backbone_matches_eager():
-    """model.compile=true compiles the backbone in place: same outputs, same parameter names."""
+def test_compiled_backbone_matches_eager(quick_compile):
+    """model.compile=true compiles the backbone in place: same outputs, same parameter names
+    (traced by TorchDynamo, the backbone whole, without Inductor's C++: see ``quick_compile``)."""
     cfg = compose(["model=uvit", "scaling=learnable", "model.compile=true",
                    "model.depth=2", "model.embed_dim=32", "model.num_heads=2"])
     torch.manual_seed(0)

@@ -125,21 +125,29 @@ def run_training(cfg: DictConfig) -> Any:
     if _sweep_job_needs_own_processes(config):
         return _optimized_value(config, _run_job_in_own_process())
 
-    from pytorch_lightning.utilities.exceptions import SIGTERMException
-
     try:
         result = train(config)
-    except SIGTERMException:
-        print(f"stopped by a signal; checkpoint saved to {run_dir}/checkpoints/last.ckpt. Run the same "
-              f"command again (it resumes in the same folder) or pass resume={run_dir}", file=sys.stderr, flush=True)
-        raise SystemExit(0) from None
     except TrainingDiverged as err:
         fail(str(err), code=3)
     except ConfigError as err:
         _config_error(err, run_dir)
+    except SystemExit as err:
+        if not _stopped_by_a_signal(err):
+            raise
+        print(f"stopped by a signal; checkpoint saved to {run_dir}/checkpoints/last.ckpt. Run the same "
+              f"command again (it resumes in the same folder) or pass resume={run_dir}", file=sys.stderr, flush=True)
+        raise SystemExit(0) from None
     if result["trainer"] is not None and result["trainer"].is_global_zero:
         print(f"run folder: {result['run_dir']}")
     return _optimized_value(config, result["metrics"])
+
+
+def _stopped_by_a_signal(err: BaseException) -> bool:
+    """Whether ``err`` is Lightning's SIGTERMException (a SystemExit). Looked up, not imported:
+    a run that stops on its input (missing data, a refused checkpoint) does so before Lightning
+    is imported, and only Lightning raises it."""
+    lightning = sys.modules.get("pytorch_lightning.utilities.exceptions")
+    return lightning is not None and isinstance(err, lightning.SIGTERMException)
 
 
 # --- the composition root ---------------------------------------------------------------------

@@ -26,17 +26,22 @@ def _clip_eigenvalues(w: np.ndarray) -> np.ndarray:
     return np.where(w > tol, w, 0.0)
 
 
-def _psd_sqrt(sigma: np.ndarray) -> np.ndarray:
-    """Symmetric square root of a (numerically) positive semi-definite matrix."""
+def _psd_root_factor(sigma: np.ndarray) -> np.ndarray:
+    """F (d, r) with F F^T = sigma for a (numerically) positive semi-definite sigma of rank r:
+    the eigenvectors scaled by the square roots of the eigenvalues that are not 0."""
     sym = (sigma + sigma.T) / 2
     w, v = np.linalg.eigh(sym)
-    return (v * np.sqrt(_clip_eigenvalues(w))) @ v.T
+    w = _clip_eigenvalues(w)
+    keep = w > 0
+    return v[:, keep] * np.sqrt(w[keep])
 
 
 def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
-    """tr((sigma1 sigma2)^(1/2)) for symmetric PSD matrices, via the symmetric form A S2 A."""
-    a = _psd_sqrt(np.asarray(sigma1, dtype=np.float64))
-    m = a @ np.asarray(sigma2, dtype=np.float64) @ a
+    """tr((sigma1 sigma2)^(1/2)) for symmetric PSD matrices, via the symmetric r x r matrix
+    F^T sigma2 F with F F^T = sigma1 (r: the rank of sigma1; below d for fewer samples than
+    features, which makes the second eigen-decomposition small)."""
+    f = _psd_root_factor(np.asarray(sigma1, dtype=np.float64))
+    m = f.T @ (np.asarray(sigma2, dtype=np.float64) @ f)
     w = np.linalg.eigvalsh((m + m.T) / 2)
     return float(np.sqrt(_clip_eigenvalues(w)).sum())
 

@@ -14,11 +14,13 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
+
+if TYPE_CHECKING:  # annotations only: a run that stops on its input never imports torch
+    import torch
 
 from scalelong.utils.errors import ConfigError, OutputError
 
