@@ -98,7 +98,7 @@ def _last(series: Series | None, default: float = math.nan) -> float:
     return float(series[1][-1]) if series is not None and len(series[1]) else default
 
 
-def _last_tenth(run: Run, series: Series | None) -> Series | None:
+def _last_tenth(series: Series | None) -> Series | None:
     """The points of the series' last 10% of steps (from its own last logged step)."""
     if series is None or not len(series[0]):
         return None
@@ -107,7 +107,7 @@ def _last_tenth(run: Run, series: Series | None) -> Series | None:
 
 
 def _final_loss(run: Run) -> float:
-    return _mean(_last_tenth(run, run.series("train/loss")))
+    return _mean(_last_tenth(run.series("train/loss")))
 
 
 def _collapsed(run: Run) -> float:

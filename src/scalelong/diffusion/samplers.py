@@ -1,6 +1,7 @@
 """Samplers of epsilon-prediction VP models, all ``sampler(eps_fn, sde, x_T, steps, ...) -> x_0``:
 Euler-Maruyama and Euler ODE (U-ViT's grids), DDPM's ancestral steps, DPM-Solver-fast,
-DPM-Solver++(2M) and U-ViT's text-to-image DPM-Solver++. Grids and orders of each: ``docs/design.md``, "Samplers"."""
+DPM-Solver++(2M) and U-ViT's text-to-image DPM-Solver++. Grids and orders of each:
+``docs/design.md``, "Samplers"."""
 
 from __future__ import annotations
 
@@ -279,7 +280,7 @@ def ancestral(
         alpha_t, sigma_t = coefs.alpha(t), coefs.sigma(t)
         x0 = (x - sigma_t * _eval(eps_fn, x, t)) / alpha_t
         if i == steps - 1:
-            return x0
+            break  # the last step returns the estimate
         alpha_s, sigma_s = coefs.alpha(s), coefs.sigma(s)
         # x_t = a x_s + b n with a = alpha_t / alpha_s, b^2 = sigma_t^2 - a^2 sigma_s^2; the
         # posterior of x_s given x_t and x_0 weighs the two by their variances.
@@ -288,7 +289,7 @@ def ancestral(
         mean = (a * sigma_s ** 2 / sigma_t ** 2) * x + (alpha_s * b2 / sigma_t ** 2) * x0
         noise = torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=generator)
         x = mean + (math.sqrt(b2) * sigma_s / sigma_t) * noise
-    return x
+    return x0
 
 
 # --- DPM-Solver (noise prediction, singlestep) -----------------------------------------------------
