@@ -3,6 +3,8 @@ Their presets are ``conf/model/*.yaml``; ``from_preset`` builds one from Python 
 
 from __future__ import annotations
 
+import copy
+import functools
 from typing import Any
 
 from torch import nn
@@ -15,9 +17,7 @@ from scalelong.models.uvit import UViT, convert_official_uvit_state_dict
 def preset_config(preset: str, dataset: str | None = None, **overrides: Any) -> dict[str, Any]:
     """The resolved ``model`` node of ``conf/model/<preset>.yaml`` for ``dataset``'s images (default:
     the data set whose ``model=uvit``/``unet`` this preset is), with ``overrides`` applied."""
-    from omegaconf import OmegaConf
-
-    from scalelong.config import compose, conf_dir
+    from scalelong.config import conf_dir
     from scalelong.utils.errors import ConfigError
 
     if dataset is None:
@@ -25,8 +25,18 @@ def preset_config(preset: str, dataset: str | None = None, **overrides: Any) -> 
         if not owners:
             raise ConfigError(f"no data set uses the preset {preset!r} by default; pass dataset=...")
         dataset = owners[0]
-    cfg = compose([f"model={preset}", f"dataset={dataset}"])
-    return {**OmegaConf.to_container(cfg.model, resolve=True), **overrides}
+    return {**copy.deepcopy(_composed_model(preset, dataset)), **overrides}
+
+
+@functools.lru_cache(maxsize=None)
+def _composed_model(preset: str, dataset: str) -> dict[str, Any]:
+    """The resolved ``model`` node, composed once per process: a Hydra composition costs about
+    0.1 s, and benchmarks and tests build the same few presets many times."""
+    from omegaconf import OmegaConf
+
+    from scalelong.config import compose
+
+    return OmegaConf.to_container(compose([f"model={preset}", f"dataset={dataset}"]).model, resolve=True)
 
 
 def from_preset(preset: str, dataset: str | None = None, scaling: Any = "none", **overrides: Any) -> nn.Module:
