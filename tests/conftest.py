@@ -13,6 +13,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from warm_python import run_warm
 
 from scalelong.config import compose as compose_config
 from scalelong.config import to_plain
@@ -82,10 +83,11 @@ ONE_PROCESS_DRIVER = textwrap.dedent('''
 
 
 def run_in_one_process(commands: list[list[str]], cwd: Path, env: dict[str, str] | None = None,
-                       timeout: float = 600) -> list[subprocess.CompletedProcess]:
+                       timeout: float = 600, warm: bool = False) -> list[subprocess.CompletedProcess]:
     """``python <script> <args>`` for each of ``commands`` (``[script, *args]``), one after the
-    other in one fresh Python process: one interpreter's imports (torch, Lightning, Hydra: about 6
-    CPU-seconds) instead of one per command. Each command gets its own stdout and stderr (file
+    other in one Python process: one interpreter's imports (torch, Lightning, Hydra: about 6
+    CPU-seconds) instead of one per command, or none with ``warm`` (a process forked from
+    warm_python's pre-imported interpreter). Each command gets its own stdout and stderr (file
     descriptors 1 and 2, so logging and the processes it starts write there too) and its exit
     status, as a ``subprocess.CompletedProcess``. For commands whose test is not about a fresh
     process (what is imported, the first run of a process)."""
@@ -93,8 +95,12 @@ def run_in_one_process(commands: list[list[str]], cwd: Path, env: dict[str, str]
     spec = [{"argv": [str(a) for a in argv], "out": str(work / f"{k}.out"), "err": str(work / f"{k}.err"),
              "code": str(work / f"{k}.code")} for k, argv in enumerate(commands)]
     (work / "commands.json").write_text(json.dumps(spec))
-    driver = subprocess.run([sys.executable, "-c", ONE_PROCESS_DRIVER, str(work / "commands.json")], cwd=cwd,
-                            env=env, capture_output=True, text=True, timeout=timeout)
+    if warm:
+        (work / "driver.py").write_text(ONE_PROCESS_DRIVER)
+        driver = run_warm([work / "driver.py", work / "commands.json"], cwd=cwd, env=env, timeout=timeout)
+    else:
+        driver = subprocess.run([sys.executable, "-c", ONE_PROCESS_DRIVER, str(work / "commands.json")], cwd=cwd,
+                                env=env, capture_output=True, text=True, timeout=timeout)
     try:
         done = []
         for argv, c in zip(commands, spec):

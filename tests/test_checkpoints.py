@@ -5,8 +5,6 @@ and a trusted one with other objects can be converted once."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from fractions import Fraction
 from pathlib import Path
 
@@ -14,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import ROOT, load_script
+from warm_python import run_warm
 
 from scalelong.checkpoints import read_checkpoint
 from scalelong.model import DiffusionModel
@@ -55,7 +54,7 @@ def test_the_commands_refuse_a_crafted_checkpoint_in_one_line(crafted, tmp_path,
     args = {"sample": [str(ROOT / "scripts" / "sample.py"), str(path), "--device", "cpu"],
             "evaluate": [str(ROOT / "scripts" / "evaluate.py"), str(path), "--device", "cpu", "--ref", str(path)],
             "resume": [str(ROOT / "train.py"), f"ckpt_path={path}", "model=uvit", f"hydra.run.dir={tmp_path / 'run'}"]}
-    proc = subprocess.run([sys.executable, *args[command]], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    proc = run_warm(args[command], cwd=tmp_path, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "wants to import posix.system" in lines[0], proc.stderr[-2000:]

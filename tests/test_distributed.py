@@ -7,13 +7,14 @@ process)."""
 from __future__ import annotations
 
 import csv
+import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import ROOT, compose
+from warm_python import run_warm
 
 from scalelong.cli.train import train
 from scalelong.training.fid_callback import best_entry, read_history
@@ -21,15 +22,12 @@ from scalelong.training.fid_callback import best_entry, read_history
 # Dropout masks are drawn per rank, so they differ between 1 and 2 processes: switch it off to
 # compare the two runs step by step.
 COMMON = ["experiment=smoke", "logger=csv", "train.batch_size=16", "train.max_steps=5", "model.dropout=0",
-          "checkpoint.every_n_steps=5"]
+          "checkpoint.every_n_steps=5", "model.base_channels=8"]
 
 
 def train_cli(cwd: Path, *overrides: str, timeout: int = 240) -> subprocess.CompletedProcess:
     env = {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "tests")}  # fid_helpers, for the FID callback
-    import os
-
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), *overrides], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, **env})
+    return run_warm([ROOT / "train.py", *overrides], cwd=cwd, timeout=timeout, env={**os.environ, **env})
 
 
 def losses(run_dir: Path) -> dict[int, float]:

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import ROOT, run_in_one_process
+from warm_python import run_warm
 
 MODULE = '''
 import torch
@@ -71,7 +71,7 @@ def extension(tmp_path_factory) -> Path:
 
 def run(cwd: Path, extension: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(extension), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    return run_warm(list(args), cwd=cwd, env=env, timeout=300)
 
 
 def test_a_strategy_and_a_backbone_from_outside_train_sweep_and_report(tmp_path, extension):
@@ -83,7 +83,7 @@ def test_a_strategy_and_a_backbone_from_outside_train_sweep_and_report(tmp_path,
     proc, report_proc = run_in_one_process(
         [[str(ROOT / "train.py"), "-m", searchpath, "model=tinynet", "scaling=none,half", "experiment=smoke",
           "logger=csv", "train.max_steps=2", f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=${hydra.job.num}"],
-         [str(ROOT / "scripts" / "report.py"), str(sweep)]], cwd=tmp_path, env=env, timeout=600)
+         [str(ROOT / "scripts" / "report.py"), str(sweep)]], cwd=tmp_path, env=env, timeout=600, warm=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     config = (sweep / "1" / "config.yaml").read_text()
     assert "_target_: my_ext.HalfScaling" in config and "_target_: my_ext.TinyNet" in config

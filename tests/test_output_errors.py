@@ -25,6 +25,7 @@ import pytest
 import torch
 import yaml
 from conftest import ROOT, compose, load_script
+from warm_python import run_warm
 from PIL import Image
 
 from scalelong.utils.errors import DataError, OutputError
@@ -227,10 +228,9 @@ def test_full_disk_during_training_is_one_line_and_keeps_the_last_checkpoint(tmp
     wrapper = tmp_path / "full_disk_train.py"
     wrapper.write_text(textwrap.dedent(WRAPPER))
     run = tmp_path / "run"
-    proc = subprocess.run([sys.executable, str(wrapper), str(ROOT / "train.py"), "experiment=smoke", "logger=csv",
-                           "train.max_steps=4", "checkpoint.every_n_steps=2", f"hydra.run.dir={run}"],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=180,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "WANDB_MODE": "disabled"})
+    proc = run_warm([wrapper, ROOT / "train.py", "experiment=smoke", "logger=csv", "train.max_steps=4",
+                     "checkpoint.every_n_steps=2", f"hydra.run.dir={run}"], cwd=tmp_path, timeout=180,
+                    env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "WANDB_MODE": "disabled"})
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     last = run / "checkpoints" / "last.ckpt"

@@ -17,14 +17,13 @@ import csv
 import json
 import os
 import re
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import ROOT, compose
+from warm_python import run_warm
 from PIL import Image
 from test_extension import MODULE  # the README's example strategy, as the extension test writes it
 from test_sweeps import check_optuna_search_over_kappa
@@ -209,8 +208,8 @@ def test_every_train_command_of_the_readme_runs(tmp_path):
     in_process += [[str(ROOT / argv[0]), *argv[1:]] for _, argv, mode in plans if mode == "ddp1"]
     assert len(in_process) == len(plans) - 1  # all but the CPU DDP line
     (work / "commands.json").write_text(json.dumps(in_process))
-    driver = subprocess.run([sys.executable, "-c", DRIVER, str(work / "commands.json")], cwd=work, env=env,
-                            capture_output=True, text=True, timeout=900)
+    (work / "driver.py").write_text(DRIVER)
+    driver = run_warm([work / "driver.py", work / "commands.json"], cwd=work, env=env, timeout=900)
     print("\n".join(line for line in driver.stdout.splitlines() if line.startswith("README COMMAND")))
     assert driver.returncode == 0, driver.stderr[-3000:]
     results = json.loads((work / "commands.json.out").read_text())
@@ -232,8 +231,7 @@ def test_every_train_command_of_the_readme_runs(tmp_path):
     for command, argv, mode in plans:
         if mode != "ddp":
             continue
-        proc = subprocess.run([sys.executable, str(ROOT / argv[0]), *argv[1:]], cwd=work, env=env,
-                              capture_output=True, text=True, timeout=600)
+        proc = run_warm([ROOT / argv[0], *argv[1:]], cwd=work, env=env, timeout=600)
         print("DDP", command, flush=True)
         assert proc.returncode == 0, f"{command}:\n{proc.stderr[-3000:]}"
         assert "Traceback" not in proc.stderr, f"{command}:\n{proc.stderr[-3000:]}"

@@ -8,13 +8,12 @@ import csv
 import json
 import math
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 from conftest import ROOT, compose, run_in_one_process
+from warm_python import run_warm
 from scipy import stats
 
 from scalelong.analysis import study
@@ -44,7 +43,7 @@ def test_a_toy_study_runs_resumes_and_reports_intervals_from_the_runs(tmp_path):
     command = [str(ROOT / "train.py"), "-m", "experiment=study_cpu", *TOY, f"hydra.sweep.dir={sweep}"]
     # The sweep, the same command again and the report, one after the other in one process.
     proc, again, report = run_in_one_process([command, command, [str(ROOT / "scripts" / "study.py"), str(sweep)]],
-                                             cwd=tmp_path, env=env, timeout=900)
+                                             cwd=tmp_path, env=env, timeout=900, warm=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = sorted(p.parent for p in sweep.rglob("metrics.json"))
     assert [str(r.relative_to(sweep)) for r in runs] == [
@@ -128,7 +127,7 @@ def test_the_gpu_comparison_runs_on_the_cpu_at_toy_size_and_ends_with_its_report
     data = tmp_path / "cifar"
     write_folder(data)
     sweep = tmp_path / "comparison"
-    command = [sys.executable, str(ROOT / "train.py"), "experiment=paper_comparison_check", "scaling=none,learnable",
+    command = [ROOT / "train.py", "experiment=paper_comparison_check", "scaling=none,learnable",
                "trainer.accelerator=cpu", f"dataset.data_dir={data}", "dataset.download=false",
                "model.depth=2", "model.embed_dim=16", "model.num_heads=2", "train.batch_size=4", "train.max_steps=2",
                "eval_every_n_steps=2", "callbacks.fid.num_samples=8", "callbacks.fid.steps=2",
@@ -136,7 +135,7 @@ def test_the_gpu_comparison_runs_on_the_cpu_at_toy_size_and_ends_with_its_report
                "sample.steps=2", "checkpoint.every_n_steps=2", "trainer.log_every_n_steps=1",
                "callbacks.stability.every_n_steps=1", f"hydra.sweep.dir={sweep}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    proc = run_warm(command, cwd=tmp_path, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for strategy in ("none", "learnable"):
         history = json.loads((sweep / strategy / "fid_history.json").read_text())
