@@ -308,6 +308,9 @@ def _spawned(local_rank: int, world: int, port: int, args: argparse.Namespace) -
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from scalelong.cli import skip_the_last_collection
+
+    skip_the_last_collection()
     import torch
     import torch.distributed as dist
 

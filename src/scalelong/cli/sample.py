@@ -59,13 +59,14 @@ def main(argv=None) -> int:
     import numpy as np
     import torch
 
-    from scalelong.cli import fail
+    from scalelong.cli import fail, skip_the_last_collection
     from scalelong.utils.errors import ConfigError
     from scalelong.utils.io import atomic_write, grid_image
     from scalelong.metrics.evaluation import caption_contexts
     from scalelong.model import DiffusionModel
     from scalelong.scaling.sampling_time import parse_skip_scale
 
+    skip_the_last_collection()
     if args.num < 1 or args.steps < 1:
         fail("--num and --steps must be at least 1")
     try:

@@ -14,7 +14,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from scalelong.cli import JobFailed, _remove_if_untouched, check_group_choices, check_output_folder, fail
+from scalelong.cli import (JobFailed, _remove_if_untouched, check_group_choices, check_output_folder, fail,
+                           skip_the_last_collection)
 from scalelong.config import conf_dir, resolve_resume, to_plain, world_size
 from scalelong.utils.errors import ConfigError, TrainingDiverged
 from scalelong.utils.io import write_text
@@ -24,6 +25,7 @@ def main() -> int:
     """The command-line entry point: ``scalelong-train [group=option ...] [key=value ...]``."""
     import hydra
 
+    skip_the_last_collection()
     check_output_folder(sys.argv[1:])
     try:
         config_path = str(conf_dir())
