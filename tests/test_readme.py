@@ -87,19 +87,22 @@ def _data_overrides(name: str, root: Path) -> list[str]:
     return []
 
 
-def hydra_sweep(overrides: list[str]) -> tuple[str | None, dict[str, str], int | None]:
+def hydra_sweep(overrides: list[str]) -> tuple[str | None, dict[str, str], int | None, dict]:
     """What the composed ``hydra`` node says about sweeping: its mode (an experiment can make
-    a plain command a sweep), the swept axes and values, and Optuna's number of trials."""
+    a plain command a sweep), the swept axes and values, and Optuna's number of trials; and the
+    rest of the composition, resolved (``compose(overrides)``'s result, from the same pass)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
-    from omegaconf import OmegaConf
+    from omegaconf import OmegaConf, open_dict
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        node = hydra_compose("train", overrides=[*overrides, "run_dir=."], return_hydra_config=True).hydra
-    params = node.sweeper.get("params")
-    mode = node.get("mode")
-    return (mode.name if mode is not None else None, OmegaConf.to_container(params) if params else {},
-            node.sweeper.get("n_trials"))
+        cfg = hydra_compose("train", overrides=[*overrides, "run_dir=."], return_hydra_config=True)
+        params, mode, trials = cfg.hydra.sweeper.get("params"), cfg.hydra.get("mode"), cfg.hydra.sweeper.get("n_trials")
+        axes = OmegaConf.to_container(params) if params else {}
+        with open_dict(cfg):
+            del cfg["hydra"]
+        run = OmegaConf.to_container(cfg, resolve=True)
+    return mode.name if mode is not None else None, axes, trials, run
 
 
 def toy_command(command: str, work: Path, ext: Path, run: Path) -> tuple[list[str], str]:
@@ -116,7 +119,7 @@ def toy_command(command: str, work: Path, ext: Path, run: Path) -> tuple[list[st
     # the strategy and Hydra's own settings do not matter for that).
     first = [re.sub(r"=([^=\[]*?),.*$", r"=\1", o) if "," in o and "[" not in o else o for o in overrides
              if not o.startswith(("hydra.", "scaling"))]
-    mode_of_hydra, axes, trials = hydra_sweep(first)
+    mode_of_hydra, axes, trials, composed = hydra_sweep(first)
     # A sweep its experiment defines (the study, the paper comparison): the first choice of each
     # axis the command does not set (their own tests run them over several choices).
     chosen = []
@@ -126,7 +129,7 @@ def toy_command(command: str, work: Path, ext: Path, run: Path) -> tuple[list[st
             if choice.startswith("glob("):
                 choice = sorted(p.stem for p in (ROOT / "conf" / key).glob("*.yaml"))[0]
             chosen.append(f"{key}={choice}")
-    cfg = compose(first + chosen, work)  # what runs: the chosen cell's model decides the shrinking
+    cfg = compose(first + chosen, work) if chosen else composed  # the chosen cell's model decides the shrinking
     extra = list(TOY) + SHRINK.get(cfg["model"]["_target_"], [])
     extra += _data_overrides(cfg["dataset"]["name"], work / "data")
     if cfg.get("quick_eval"):  # kept on where the README shows it: the quickstart, alone and under DDP
