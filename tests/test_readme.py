@@ -3,12 +3,13 @@
 Each command keeps its own overrides; appended after them (so they win) come only what makes it
 small: 2 training steps, a tiny model of the same class, tiny sample grids, generated files in
 the data set's real format, the CPU instead of a GPU. The quick evaluation stays on (8 samples,
-real Inception). The CPU DDP line runs two gloo processes; the GPU DDP lines (``trainer=ddp
-dataset=cifar10`` and the DDP sweep) run in the in-process driver, last, with trainer.devices=1:
-Lightning's DDP strategy with a world of one, its code path and gloo process group included (a
-2-rank launch costs two interpreters' imports; two ranks of a sweep's jobs are
-test_distributed.py's). Commands that need a cluster (SLURM through submitit) are composed, not
-launched. A README line that stops working fails here.
+real Inception). All commands but one run one after the other in a single driver process
+(forked from warm_python's pre-imported interpreter). The GPU DDP lines (``trainer=ddp
+dataset=cifar10`` and the DDP sweep) run there last, with trainer.devices=1: Lightning's DDP
+strategy with a world of one, its code path and gloo process group included. A 2-rank launch
+costs a second interpreter's imports; two ranks of a sweep's jobs are test_distributed.py's.
+The CPU DDP line runs on its own as two gloo processes. Commands that need a cluster (SLURM
+through submitit) are composed, not launched. A README line that stops working fails here.
 """
 
 from __future__ import annotations
