@@ -32,7 +32,9 @@ import torch, pytorch_lightning, hydra, omegaconf, wandb
 import scalelong.cli.train, scalelong.data.module, scalelong.training.module, scalelong.training.callbacks
 import scalelong.build
 channel = socket.socket(fileno=int(sys.argv[1]))
-base_path = sys.path[1:]
+# sys.path without this process's PYTHONPATH entries: each child puts its own in front.
+ours = {os.path.abspath(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p}
+base_path = [p for p in sys.path[1:] if os.path.abspath(p) not in ours]
 while True:
     message, fds, _, _ = socket.recv_fds(channel, 1 << 20, 3)
     if not message:
@@ -72,9 +74,10 @@ class _Server:
 
     def __init__(self) -> None:
         ours, theirs = socket.socketpair()
-        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # each child sets its own
+        # This process's environment: the server imports what a fresh interpreter started from here
+        # would (scalelong from $PYTHONPATH, if it points at another checkout).
         self.process = subprocess.Popen([sys.executable, "-c", SERVER, str(theirs.fileno())], pass_fds=[theirs.fileno()],
-                                        env=env, cwd=Path(__file__).resolve().parents[1], stdin=subprocess.DEVNULL)
+                                        cwd=Path(__file__).resolve().parents[1], stdin=subprocess.DEVNULL)
         theirs.close()
         self.channel = ours
         self.buffer = b""
