@@ -69,7 +69,7 @@ def test_two_process_ddp_matches_one_process(ddp_sweep, ref_path):
     ddp_dir = sweep / "1"
     assert (ddp_dir / "metrics.json").is_file(), proc.stderr[-3000:]
     fid = fid_overrides(ref_path)
-    single = train(compose(COMMON[:1] + COMMON[1:] + fid, work / "single"))
+    single = train(compose([*COMMON, *fid], work / "single"))
 
     a, b = losses(ddp_dir), losses(work / "single")
     assert sorted(a) == sorted(b) == [0, 1, 2, 3, 4]

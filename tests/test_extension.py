@@ -69,9 +69,13 @@ def extension(tmp_path_factory) -> Path:
     return root
 
 
+def user_env(extension: Path) -> dict[str, str]:
+    """The environment of a user whose extension is importable (on PYTHONPATH)."""
+    return {**os.environ, "PYTHONPATH": str(extension), "OMP_NUM_THREADS": "1"}
+
+
 def run(cwd: Path, extension: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(extension), "OMP_NUM_THREADS": "1"}
-    return run_warm(list(args), cwd=cwd, env=env, timeout=300)
+    return run_warm(list(args), cwd=cwd, env=user_env(extension), timeout=300)
 
 
 def test_a_strategy_and_a_backbone_from_outside_train_sweep_and_report(tmp_path, extension):
@@ -79,11 +83,11 @@ def test_a_strategy_and_a_backbone_from_outside_train_sweep_and_report(tmp_path,
     sweep = tmp_path / "sweep"
     # A sweep over a built-in strategy and the user's, on the user's backbone, 2 steps each; then
     # the report on it (both in one process: one interpreter's imports).
-    env = {**os.environ, "PYTHONPATH": str(extension), "OMP_NUM_THREADS": "1"}
     proc, report_proc = run_in_one_process(
         [[str(ROOT / "train.py"), "-m", searchpath, "model=tinynet", "scaling=none,half", "experiment=smoke",
           "logger=csv", "train.max_steps=2", f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=${hydra.job.num}"],
-         [str(ROOT / "scripts" / "report.py"), str(sweep)]], cwd=tmp_path, env=env, timeout=600, warm=True)
+         [str(ROOT / "scripts" / "report.py"), str(sweep)]], cwd=tmp_path, env=user_env(extension), timeout=600,
+        warm=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     config = (sweep / "1" / "config.yaml").read_text()
     assert "_target_: my_ext.HalfScaling" in config and "_target_: my_ext.TinyNet" in config

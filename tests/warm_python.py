@@ -103,10 +103,14 @@ class _Server:
         line, self.buffer = self.buffer.split(b"\n", 1)
         return json.loads(line)
 
-    def close(self) -> None:
-        if self.child is not None:  # a child a test left running
+    def end_child(self) -> None:
+        """Kill and reap the child a test left running, if any."""
+        if self.child is not None:
             self.child.kill()
             self.child.wait()
+
+    def close(self) -> None:
+        self.end_child()
         try:
             self.channel.shutdown(socket.SHUT_WR)
             self.process.wait(timeout=10)
@@ -120,9 +124,7 @@ class WarmProcess:
 
     def __init__(self, argv: list[str], cwd: str | os.PathLike | None = None, env: dict[str, str] | None = None):
         self._server = server = _Server.get()
-        if server.child is not None:  # an earlier test left its child running: end it first
-            server.child.kill()
-            server.child.wait()
+        server.end_child()  # one child at a time: one an earlier test left running ends first
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         null = os.open(os.devnull, os.O_RDONLY)

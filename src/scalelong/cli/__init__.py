@@ -5,6 +5,7 @@ and no half-written run folders."""
 from __future__ import annotations
 
 import atexit
+import functools
 import gc
 import os
 import shutil
@@ -15,6 +16,7 @@ from pathlib import Path
 from scalelong.utils.errors import ConfigError
 
 
+@functools.cache  # registered once per process, however many commands run in it
 def skip_the_last_collection() -> None:
     """At exit, skip the interpreter's last cyclic garbage collection over everything still alive.
     With torch and Lightning loaded it takes 1.3-1.5 s, after the run has printed its last line
@@ -22,13 +24,7 @@ def skip_the_last_collection() -> None:
     memory goes back to the OS either way. Nothing here relies on that pass: files are written
     and closed explicitly, and logging and W&B flush in exit handlers of their own. Registered
     once, at the start of a command, so it runs after the handlers registered later (W&B's)."""
-    global _COLLECTION_SKIPPED
-    if not _COLLECTION_SKIPPED:
-        atexit.register(gc.freeze)
-        _COLLECTION_SKIPPED = True
-
-
-_COLLECTION_SKIPPED = False
+    atexit.register(gc.freeze)
 
 
 def fail(message: str, code: int = 2) -> None:
