@@ -51,6 +51,25 @@ def check_output_folder(argv: list[str]) -> None:
                  "choose another place with hydra.run.dir=... or run from a writable folder")
 
 
+def check_fixed_run_folder(argv: list[str]) -> None:
+    """Under torchrun, or srun with several tasks, every rank and every restart must write into one
+    run folder; the default folder's name holds the time each process started. One line, before
+    any rank makes a folder, when the command line does not fix it."""
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        launcher = "torchrun"
+    elif int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_PROCID" in os.environ:
+        launcher = "srun"
+    else:
+        return
+    multirun = any(a in ("-m", "--multirun") for a in argv)
+    fixed = ("hydra.sweep.dir=",) if multirun else ("hydra.run.dir=", "resume=")
+    if not any(a.startswith(fixed) for a in argv):
+        example = "hydra.sweep.dir=outputs/multirun/<name>" if multirun else "hydra.run.dir=outputs/runs/<name>"
+        fail(f"under {launcher} every rank and every restart must use the same run folder, and the default one is "
+             f"named after the time each process starts: add {example}"
+             f"{'' if multirun else ' (or resume=<run folder>)'}, so that a restarted run resumes there")
+
+
 SWEEP_FUNCTIONS = ("glob(", "choice(", "range(", "interval(", "tag(", "sort(", "shuffle(", "extend_list(")
 
 

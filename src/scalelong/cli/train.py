@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 import warnings
@@ -14,10 +15,10 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from scalelong.cli import (JobFailed, _remove_if_untouched, check_group_choices, check_output_folder, fail,
-                           skip_the_last_collection)
+from scalelong.cli import (JobFailed, _remove_if_untouched, check_fixed_run_folder, check_group_choices,
+                           check_output_folder, fail, skip_the_last_collection)
 from scalelong.config import conf_dir, resolve_resume, to_plain, world_size
-from scalelong.utils.errors import ConfigError, TrainingDiverged
+from scalelong.utils.errors import EXIT_DIVERGED, EXIT_RANK_LOST, ConfigError, TrainingDiverged
 from scalelong.utils.io import write_text
 
 
@@ -27,6 +28,7 @@ def main() -> int:
 
     skip_the_last_collection()
     check_output_folder(sys.argv[1:])
+    check_fixed_run_folder(sys.argv[1:])
     try:
         config_path = str(conf_dir())
     except ConfigError as err:
@@ -127,10 +129,11 @@ def run_training(cfg: DictConfig) -> Any:
     if _sweep_job_needs_own_processes(config):
         return _optimized_value(config, _run_job_in_own_process())
 
+    watch = _watch_the_other_ranks(config, run_dir)
     try:
         result = train(config)
     except TrainingDiverged as err:
-        fail(str(err), code=3)
+        fail(str(err), code=EXIT_DIVERGED)
     except ConfigError as err:
         _config_error(err, run_dir)
     except SystemExit as err:
@@ -139,6 +142,16 @@ def run_training(cfg: DictConfig) -> Any:
         print(f"stopped by a signal; checkpoint saved to {run_dir}/checkpoints/last.ckpt. Run the same "
               f"command again (it resumes in the same folder) or pass resume={run_dir}", file=sys.stderr, flush=True)
         raise SystemExit(0) from None
+    except Exception as err:
+        if watch is None or not _a_rank_was_lost(err):
+            if watch is not None:
+                watch.armed = False  # this rank's own error: its traceback, not a report about another
+            raise
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            import traceback
+
+            traceback.print_exception(err)
+        watch.report_failed_collective()  # a few lines and exit status 4
     if result["trainer"] is not None and result["trainer"].is_global_zero:
         print(f"run folder: {result['run_dir']}")
     return _optimized_value(config, result["metrics"])
@@ -150,6 +163,75 @@ def _stopped_by_a_signal(err: BaseException) -> bool:
     is imported, and only Lightning raises it."""
     lightning = sys.modules.get("pytorch_lightning.utilities.exceptions")
     return lightning is not None and isinstance(err, lightning.SIGTERMException)
+
+
+def _watch_the_other_ranks(config: Mapping[str, Any], run_dir: Path | None):
+    """For a run of several processes: NCCL's error handling on, and a ``RankWatch`` that ends this
+    one with a short report when another stops (README "When a process dies")."""
+    elastic = "TORCHELASTIC_RUN_ID" in os.environ
+    if run_dir is None or (world_size(config["trainer"]) <= 1 and not elastic):
+        return None
+    from scalelong.utils.distributed import RankWatch, set_nccl_error_handling
+
+    set_nccl_error_handling()
+    run_dir = Path(config.get("resume") or run_dir)
+    every = config["checkpoint"]["every_n_steps"]
+    return RankWatch(lambda: _how_to_go_on(run_dir, every), EXIT_RANK_LOST)
+
+
+def _a_rank_was_lost(err: BaseException) -> bool:
+    from scalelong.utils.distributed import _lightning_children, in_a_process_group, is_lost_peer_error
+
+    if not in_a_process_group():
+        return False
+    children = _lightning_children() or []
+    return is_lost_peer_error(err) or any(p.poll() not in (None, 0) for p in children)
+
+
+def _how_to_go_on(run_dir: Path, every_n_steps: int) -> str:
+    """The last checkpoint's step and how the run continues from it: by itself (torchrun with
+    restarts left), by a resubmission (SLURM) or by the command printed."""
+    path = run_dir / "checkpoints" / "last.ckpt"
+    step = _checkpoint_step(path)
+    if step is None:
+        saved = (f"No checkpoint was saved yet (one every {every_n_steps} steps: checkpoint.every_n_steps), so the "
+                 "run starts again from step 0.")
+    else:
+        saved = f"The last checkpoint is at step {step}: {path}"
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        done, most = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)), int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0))
+        if done < most:
+            return f"{saved}\ntorchrun restarts every rank (restart {done + 1} of {most}); they resume from it by themselves."
+        return f"{saved}\nResume: run the same torchrun command again (with the same hydra.run.dir); it continues there."
+    if "SLURM_JOB_ID" in os.environ:
+        return (f"{saved}\nResume: submit the job again with the same hydra.run.dir (or `scontrol requeue "
+                f"{os.environ['SLURM_JOB_ID']}`); it continues there.")
+    return f"{saved}\nResume: {_resume_command(run_dir if step is not None else None)}"
+
+
+def _checkpoint_step(path: Path) -> int | None:
+    """The step of a training checkpoint, read without loading its tensors (mmap), or None."""
+    if not path.is_file():
+        return None
+    try:
+        import torch
+
+        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+    except Exception:  # unreadable: the report says there is none rather than fail itself
+        return None
+
+
+def _resume_command(run_dir: Path | None) -> str:
+    """The command that continues the run in ``run_dir`` (the user's overrides and ``resume=``), or,
+    without a checkpoint (``None``), the command that starts it again."""
+    from hydra.core.hydra_config import HydraConfig
+
+    overrides = list(HydraConfig.get().overrides.task)
+    if run_dir is not None:  # resume= replaces where the run started from
+        overrides = [o for o in overrides if not o.lstrip("+~").startswith(("resume=", "ckpt_path="))]
+        overrides.append(f"resume={run_dir}")
+    program = ["python", sys.argv[0]] if sys.argv[0].endswith(".py") else [os.path.basename(sys.argv[0])]
+    return shlex.join([*program, *overrides])
 
 
 # --- the composition root ---------------------------------------------------------------------

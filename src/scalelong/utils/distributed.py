@@ -1,8 +1,14 @@
-"""The little of torch.distributed that evaluation needs, all of it a no-op in a single process."""
+"""The little of torch.distributed that evaluation needs, all of it a no-op in a single process;
+and what a multi-process run does when one of its processes dies (``RankWatch``)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -72,3 +78,185 @@ def rank_zero_first() -> Iterator[None]:
     finally:
         if rank == 0:
             barrier()
+
+
+# --- when a process of the run dies ------------------------------------------------------------
+
+# torch reads the first of these that is set. 3 ("SkipCleanUp": the watchdog ends the process
+# when a collective fails or times out, without aborting the communicators first, which can
+# itself hang when a peer died mid-collective) is torch's default since 2.2; it is set here so
+# that a survivor stops whatever torch's default becomes. 1 ("TearDown") aborts them first.
+NCCL_ERROR_HANDLING = ("TORCH_NCCL_ASYNC_ERROR_HANDLING", "NCCL_ASYNC_ERROR_HANDLING")
+
+# What gloo, NCCL and the TCP store say when a peer is gone or silent (the error type is often a
+# plain RuntimeError): a dead peer closes its sockets, a stuck one runs into the timeout.
+_LOST_PEER_MESSAGES = ("connection reset by peer", "connection closed by peer", "broken pipe", "timed out",
+                       "timeout", "connection refused", "communicator was aborted", "nccl error",
+                       "socket closed", "end of file")
+
+
+def set_nccl_error_handling() -> None:
+    """Before the process group starts: unless the user chose a mode, NCCL's watchdog ends a
+    process whose collective failed or ran past the strategy's timeout."""
+    if not any(name in os.environ for name in NCCL_ERROR_HANDLING):
+        os.environ[NCCL_ERROR_HANDLING[0]] = "3"
+
+
+def in_a_process_group() -> bool:
+    """Whether this process belongs to a started process group of two or more ranks."""
+    dist_module = sys.modules.get("torch.distributed")  # never imported for a run that did not start
+    return bool(dist_module and dist_module.is_available() and dist_module.is_initialized()
+                and dist_module.get_world_size() > 1)
+
+
+def is_lost_peer_error(err: BaseException) -> bool:
+    """Whether ``err`` is a collective that failed because another rank is gone or silent."""
+    dist_error = getattr(sys.modules.get("torch.distributed"), "DistError", None)
+    if dist_error is not None and isinstance(err, dist_error):
+        return True
+    return isinstance(err, RuntimeError) and any(m in str(err).lower() for m in _LOST_PEER_MESSAGES)
+
+
+def describe_exit(returncode: int | None) -> str:
+    """How a process ended, from its ``Popen.returncode``."""
+    if returncode is None:
+        return "did not answer within the collective timeout (its process was still there, stuck)"
+    if returncode < 0:
+        try:
+            return f"was killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"was killed by signal {-returncode}"
+    return f"exited with status {returncode}"
+
+
+class RankWatch:
+    """One short report, and one exit status, when another process of the run stops.
+
+    Whichever rank is left says which rank stopped and how (where this process can know it),
+    then ``ending()`` supplies the rest (the checkpoint, the command that resumes), and the
+    process exits with ``exit_status``. Three paths lead here, and the first one reports:
+
+    - a collective fails in the training loop (gloo at once, NCCL after the timeout):
+      ``report_failed_collective``, from the command's exception handler;
+    - rank 0 of a run that Lightning launched on one node holds its other ranks' ``Popen``
+      objects; Lightning's observer thread SIGKILLs every process of the run, rank 0 included,
+      up to 5 s after one of them exits with an error, printing nothing. Its last act is
+      replaced by this report (which also ends the other ranks, as Lightning does);
+    - the other ranks of such a run are rank 0's children: a thread notices when their parent
+      is gone (rank 0 died), which NCCL may not report before the timeout.
+
+    A rank whose parent (rank 0) is still there ends quietly: rank 0 reports for the run.
+    """
+
+    def __init__(self, ending: Callable[[], str], exit_status: int):
+        self.ending = ending
+        self.exit_status = exit_status
+        self._lock = threading.Lock()
+        self.armed = True  # False once this rank ends for a reason of its own (its traceback)
+        self._parent = None
+        if _launched_by_lightning() and int(os.environ.get("LOCAL_RANK", "0")) > 0:
+            self._parent = os.getppid()
+            threading.Thread(target=self._watch_parent, name="scalelong-rank0-watch", daemon=True).start()
+        _RankWatchHook.install(self)
+
+    def report_failed_collective(self) -> None:
+        """From the main thread, after a collective failed: report and raise ``SystemExit``."""
+        self._end(self._what_stopped(), hard=False)
+
+    # --- what this process can know ---
+
+    def _what_stopped(self) -> str | None:
+        """A sentence naming the rank that stopped, or None when this rank should stay quiet."""
+        if self._parent is not None:  # a rank Lightning started: rank 0 is its parent
+            if self._parent_is_gone():
+                return "rank 0 stopped (its process is gone; its exit status is known only to its own shell)"
+            return None  # rank 0 is there and reports for the run
+        children = _lightning_children()
+        if children is not None:  # rank 0 of a Lightning launch: its ranks' exit statuses
+            return _which_children_stopped(children)
+        rank = os.environ.get("RANK", "?")
+        return (f"another rank than this one (rank {rank}) stopped or stopped answering; its own output, or the "
+                "launcher's (torchrun, srun), says which and why")
+
+    def _parent_is_gone(self) -> bool:
+        return os.getppid() != self._parent
+
+    def _watch_parent(self) -> None:
+        while not self._parent_is_gone():
+            time.sleep(1.0)
+        self._end("rank 0 stopped (its process is gone; its exit status is known only to its own shell)", hard=True)
+
+    def _end(self, what: str | None, hard: bool, children: list | None = None) -> None:
+        if not self._lock.acquire(blocking=False):  # another path is reporting: let it finish
+            if hard:
+                return
+            self._lock.acquire()
+        for proc in children if children is not None else (_lightning_children() or []):
+            if proc.poll() is None:  # no rank of this launch is left waiting in a collective
+                proc.kill()
+        if what is not None:
+            rank = os.environ.get("RANK") or os.environ.get("LOCAL_RANK") or "0"
+            print(f"error: {what}; rank {rank} stops too (exit status {self.exit_status}).\n{self.ending()}",
+                  file=sys.stderr, flush=True)
+        if hard:  # from a thread, while the main thread may be blocked in a collective
+            sys.stdout.flush()
+            os._exit(self.exit_status)
+        raise SystemExit(self.exit_status)
+
+
+def _launched_by_lightning() -> bool:
+    """Whether Lightning's launcher started this run's ranks on this node (not torchrun, not SLURM)."""
+    return not any(v in os.environ for v in ("TORCHELASTIC_RUN_ID", "SLURM_PROCID")) and "LOCAL_RANK" in os.environ
+
+
+def _lightning_children() -> list | None:
+    """Rank 0's ``Popen`` objects of the other ranks, from Lightning's observer thread (None elsewhere)."""
+    for thread in threading.enumerate():
+        if type(thread).__name__ == "_ChildProcessObserver":
+            return getattr(thread, "_child_processes", None)
+    return None
+
+
+def _which_children_stopped(children: list) -> str:
+    """The rank(s) that stopped first. A rank that ended with ``EXIT_RANK_LOST`` only followed another."""
+    from scalelong.utils.errors import EXIT_RANK_LOST
+
+    deadline = time.monotonic() + 1.0  # a killed child's status arrives a moment after its sockets close
+    while time.monotonic() < deadline and all(p.poll() is None for p in children):
+        time.sleep(0.05)
+    node, per_node = int(os.environ.get("NODE_RANK", "0")), len(children) + 1
+    ranks = [(node * per_node + i + 1, p) for i, p in enumerate(children)]
+    first = [(r, p) for r, p in ranks if p.returncode not in (None, 0, EXIT_RANK_LOST)]
+    if not first:  # none ended by itself: the silent ones ran into the timeout
+        first = [(r, p) for r, p in ranks if p.returncode is None]
+    if not first:
+        return "another rank stopped"
+    return "; ".join(f"rank {r} (pid {p.pid}) {describe_exit(p.returncode)}" for r, p in first)
+
+
+class _RankWatchHook:
+    """Replaces the last act of Lightning's observer (SIGKILL to every process of the run) with the
+    watch's report; the observer still finds the stopped rank, within its 5 s polling period."""
+
+    watch: RankWatch | None = None
+
+    @classmethod
+    def install(cls, watch: RankWatch) -> None:
+        cls.watch = watch
+        try:
+            from lightning_fabric.strategies.launchers import subprocess_script
+        except ImportError:
+            return
+        observer = getattr(subprocess_script, "_ChildProcessObserver", None)
+        if observer is not None and hasattr(observer, "_terminate_all"):
+            observer._terminate_all = cls._terminate_all
+
+    @staticmethod
+    def _terminate_all(observer) -> None:
+        watch, children = _RankWatchHook.watch, observer._child_processes
+        if watch is None or not watch.armed:  # rank 0 is ending with an error of its own: end the others
+            for proc in children:
+                if proc.poll() is None:
+                    proc.kill()
+            return
+        watch._end(_which_children_stopped(children), hard=True, children=children)

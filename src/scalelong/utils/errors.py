@@ -19,3 +19,11 @@ class OutputError(ConfigError):
 
 class TrainingDiverged(RuntimeError):
     """Too many steps in a row with a non-finite loss or gradient; the run stops."""
+
+
+# Exit statuses of ``scalelong-train`` (README "When a process dies"): 0 finished or stopped by
+# a signal with a checkpoint saved, 2 a configuration or input error, 3 divergence, 4 another
+# process of a multi-process run stopped.
+EXIT_CONFIG_ERROR = 2
+EXIT_DIVERGED = 3
+EXIT_RANK_LOST = 4
