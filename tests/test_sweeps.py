@@ -33,4 +33,7 @@ def test_slurm_launcher_config_composes_with_one_task_per_gpu():
     launcher = cfg.hydra.launcher
     assert "SlurmLauncher" in launcher._target_
     assert (launcher.nodes, launcher.gpus_per_node, launcher.tasks_per_node) == (2, 4, 4)
-    assert (cfg.trainer.devices, cfg.trainer.num_nodes, cfg.trainer.strategy) == (4, 2, "ddp")
+    assert (cfg.trainer.devices, cfg.trainer.num_nodes) == (4, 2)
+    # DDP, with a collective timeout of minutes (README "When a process dies")
+    strategy = cfg.trainer.strategy
+    assert (strategy._target_, strategy.timeout.minutes) == ("pytorch_lightning.strategies.DDPStrategy", 5)

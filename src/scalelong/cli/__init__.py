@@ -51,11 +51,20 @@ def check_output_folder(argv: list[str]) -> None:
                  "choose another place with hydra.run.dir=... or run from a writable folder")
 
 
-def check_fixed_run_folder(argv: list[str]) -> None:
+def check_launcher(argv: list[str]) -> None:
     """Under torchrun, or srun with several tasks, every rank and every restart must write into one
     run folder; the default folder's name holds the time each process started. One line, before
-    any rank makes a folder, when the command line does not fix it."""
-    if "TORCHELASTIC_RUN_ID" in os.environ:
+    any rank makes a folder, when the command line does not fix it, or when torchrun's restarts
+    could not be told apart (``scalelong.utils.distributed.isolate_elastic_attempts``)."""
+    elastic = "TORCHELASTIC_RUN_ID" in os.environ
+    if (elastic and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) > 0
+            and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+            and int(os.environ.get("GROUP_WORLD_SIZE", "1") or 1) > 1):
+        # each node's torchrun counts its own restarts: no prefix all ranks agree on
+        fail("torchrun restarts on several nodes need a store per restart: start torchrun with "
+             "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its environment and --rdzv-backend=c10d "
+             "(README \"When a process dies\")")
+    if elastic:
         launcher = "torchrun"
     elif int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_PROCID" in os.environ:
         launcher = "srun"

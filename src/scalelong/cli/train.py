@@ -15,7 +15,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from scalelong.cli import (JobFailed, _remove_if_untouched, check_fixed_run_folder, check_group_choices,
+from scalelong.cli import (JobFailed, _remove_if_untouched, check_launcher, check_group_choices,
                            check_output_folder, fail, skip_the_last_collection)
 from scalelong.config import conf_dir, resolve_resume, to_plain, world_size
 from scalelong.utils.errors import EXIT_DIVERGED, EXIT_RANK_LOST, ConfigError, TrainingDiverged
@@ -28,7 +28,7 @@ def main() -> int:
 
     skip_the_last_collection()
     check_output_folder(sys.argv[1:])
-    check_fixed_run_folder(sys.argv[1:])
+    check_launcher(sys.argv[1:])
     try:
         config_path = str(conf_dir())
     except ConfigError as err:
@@ -171,9 +171,10 @@ def _watch_the_other_ranks(config: Mapping[str, Any], run_dir: Path | None):
     elastic = "TORCHELASTIC_RUN_ID" in os.environ
     if run_dir is None or (world_size(config["trainer"]) <= 1 and not elastic):
         return None
-    from scalelong.utils.distributed import RankWatch, set_nccl_error_handling
+    from scalelong.utils.distributed import RankWatch, isolate_elastic_attempts, set_nccl_error_handling
 
     set_nccl_error_handling()
+    isolate_elastic_attempts()
     run_dir = Path(config.get("resume") or run_dir)
     every = config["checkpoint"]["every_n_steps"]
     return RankWatch(lambda: _how_to_go_on(run_dir, every), EXIT_RANK_LOST)
@@ -204,8 +205,8 @@ def _how_to_go_on(run_dir: Path, every_n_steps: int) -> str:
             return f"{saved}\ntorchrun restarts every rank (restart {done + 1} of {most}); they resume from it by themselves."
         return f"{saved}\nResume: run the same torchrun command again (with the same hydra.run.dir); it continues there."
     if "SLURM_JOB_ID" in os.environ:
-        return (f"{saved}\nResume: submit the job again with the same hydra.run.dir (or `scontrol requeue "
-                f"{os.environ['SLURM_JOB_ID']}`); it continues there.")
+        return (f"{saved}\nA requeued job (submitit requeues on a time limit or pre-emption) continues there by "
+                f"itself; else submit it again with the same hydra.run.dir or `scontrol requeue {os.environ['SLURM_JOB_ID']}`.")
     return f"{saved}\nResume: {_resume_command(run_dir if step is not None else None)}"
 
 

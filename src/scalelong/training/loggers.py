@@ -9,6 +9,8 @@ applies the same rules to local run folders (``scalelong.analysis.dashboard``).
 
 from __future__ import annotations
 
+import csv
+import io
 import math
 import os
 import uuid
@@ -58,6 +60,45 @@ def wandb_logger(project: str = "scalelong", entity: str | None = None, group: s
     except Exception as err:  # a logging problem must never stop training
         warnings.warn(f"W&B logger disabled ({type(err).__name__}: {err}); metrics still go to the CSV logger")
         return None
+
+
+def csv_logger(*, save_dir: str | Path, name: str = "csv", **kwargs):
+    """Lightning's ``CSVLogger`` (``<save_dir>/<name>/version_K/metrics.csv``) whose metrics.csv is
+    replaced atomically at each flush, so a process killed while it writes leaves the previous,
+    readable file (Lightning's own truncates it to rewrite the header when a new metric appears).
+    A resumed run writes the next version; ``scalelong.analysis.report.read_metrics`` joins them."""
+    from pytorch_lightning.loggers import CSVLogger
+    from pytorch_lightning.loggers.csv_logs import ExperimentWriter
+    from pytorch_lightning.utilities import rank_zero_only
+
+    class AtomicExperimentWriter(ExperimentWriter):
+        def save(self) -> None:
+            if not self.metrics:
+                return
+            new_keys = self._record_new_keys()
+            path = Path(self.metrics_file_path)
+            kept = path.read_text() if path.is_file() else ""
+            if kept and new_keys:  # a new column: the rows so far under the new header
+                with open(path, newline="") as f:
+                    self.metrics = [*csv.DictReader(f), *self.metrics]
+                kept = ""
+            out = io.StringIO()
+            writer = csv.DictWriter(out, fieldnames=self.metrics_keys)
+            if not kept:
+                writer.writeheader()
+            writer.writerows(self.metrics)
+            write_text(path, kept + out.getvalue())
+            self.metrics = []
+
+    class AtomicCSVLogger(CSVLogger):
+        @property
+        def experiment(self):
+            if self._experiment is None and rank_zero_only.rank == 0:
+                self._fs.makedirs(self.root_dir, exist_ok=True)
+                self._experiment = AtomicExperimentWriter(log_dir=self.log_dir)
+            return super().experiment
+
+    return AtomicCSVLogger(save_dir=str(save_dir), name=name, **kwargs)
 
 
 # --- how runs are labelled -------------------------------------------------------------------

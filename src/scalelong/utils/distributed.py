@@ -3,8 +3,10 @@ and what a multi-process run does when one of its processes dies (``RankWatch``)
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -191,9 +193,7 @@ class RankWatch:
             if hard:
                 return
             self._lock.acquire()
-        for proc in children if children is not None else (_lightning_children() or []):
-            if proc.poll() is None:  # no rank of this launch is left waiting in a collective
-                proc.kill()
+        _end_all(children if children is not None else (_lightning_children() or []))
         if what is not None:
             rank = os.environ.get("RANK") or os.environ.get("LOCAL_RANK") or "0"
             print(f"error: {what}; rank {rank} stops too (exit status {self.exit_status}).\n{self.ending()}",
@@ -202,6 +202,19 @@ class RankWatch:
             sys.stdout.flush()
             os._exit(self.exit_status)
         raise SystemExit(self.exit_status)
+
+
+def _end_all(children: list) -> None:
+    """SIGKILL the ranks this process started that still run (no rank of the launch is left waiting
+    in a collective, or stopped), and collect their exit statuses."""
+    for proc in children:
+        if proc.poll() is None:
+            proc.kill()
+    for proc in children:
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:  # a process that will not go is left to the OS
+            pass
 
 
 def _launched_by_lightning() -> bool:
@@ -250,13 +263,58 @@ class _RankWatchHook:
         observer = getattr(subprocess_script, "_ChildProcessObserver", None)
         if observer is not None and hasattr(observer, "_terminate_all"):
             observer._terminate_all = cls._terminate_all
+            # its one message ("Child process with PID ... terminated with code -9. Forcefully
+            # terminating ...") would follow the report, which says the same
+            logging.getLogger(subprocess_script.__name__).setLevel(logging.WARNING)
 
     @staticmethod
     def _terminate_all(observer) -> None:
         watch, children = _RankWatchHook.watch, observer._child_processes
         if watch is None or not watch.armed:  # rank 0 is ending with an error of its own: end the others
-            for proc in children:
-                if proc.poll() is None:
-                    proc.kill()
+            _end_all(children)
             return
         watch._end(_which_children_stopped(children), hard=True, children=children)
+
+
+# --- torchrun's restarts -------------------------------------------------------------------------
+
+
+def elastic_restarts_allowed() -> int:
+    """``--max-restarts`` of the torchrun that started this process (0 outside torchrun)."""
+    return int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) if "TORCHELASTIC_RUN_ID" in os.environ else 0
+
+
+def restarts_share_a_store() -> bool:
+    """Whether the ranks meet in torchrun's own key-value store, which lives as long as torchrun does."""
+    return os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+
+
+def isolate_elastic_attempts() -> bool:
+    """Give each of torchrun's restarts keys of its own in torchrun's store.
+
+    torch (2.14 at least) lets the ranks of every restart meet in the same store of the elastic
+    agent, without a prefix per restart (pytorch/pytorch#135712): a restarted rank 0 reads the
+    addresses that the dead attempt's ranks published and gloo fails to connect
+    ("connectFullMesh failed ... Connection refused"; seen on this CPU, 2026-12-04). Here the
+    store the process group starts from is prefixed with the restart count, which all ranks of
+    one torchrun (one node) agree on. Returns whether the prefix applies.
+    """
+    if not (restarts_share_a_store() and elastic_restarts_allowed() > 0):
+        return False
+    import importlib
+
+    from torch.distributed import PrefixStore
+
+    # the module: ``torch.distributed.rendezvous`` as an attribute is the function of that name
+    rendezvous = importlib.import_module("torch.distributed.rendezvous")
+    create = getattr(rendezvous, "_create_c10d_store", None)
+    if create is None or getattr(create, "_scalelong_attempts", False):
+        return create is not None
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+
+    def create_for_this_attempt(*args, **kwargs):
+        return PrefixStore(f"scalelong/attempt_{attempt}", create(*args, **kwargs))
+
+    create_for_this_attempt._scalelong_attempts = True
+    rendezvous._create_c10d_store = create_for_this_attempt
+    return True
