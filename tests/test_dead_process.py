@@ -39,7 +39,8 @@ def stop_at(step: int, rank: int, sig: str = "SIGKILL") -> list[str]:
 
 
 def env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")])}
+    path = os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")])
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
 
 
 def train_cli(cwd: Path, *overrides: str, timeout: int = 240) -> subprocess.CompletedProcess:
@@ -132,7 +133,7 @@ def test_torchrun_restarts_a_killed_worker_and_ends_with_the_uninterrupted_weigh
          str(ROOT / "train.py"), *TINY, *stop_at(3, rank=1), f"hydra.run.dir={run}"],
         cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "torchrun restarts every rank (restart 1 of 1)" in proc.stderr or "exitcode: -9" in proc.stderr
+    assert "exitcode: -9" in proc.stderr  # torchrun saw rank 1 die, and restarted it
     ours, whole = weights(run), weights(uninterrupted)
     assert ours.keys() == whole.keys()
     for key in whole:

@@ -252,7 +252,7 @@ def test_every_train_command_of_the_readme_runs(tmp_path):
     for command, argv, mode in plans:
         if mode == "ddp1" and "-m" not in argv:
             folder = Path(next(a.split("=", 1)[1] for a in argv if a.startswith("hydra.run.dir=")))
-            assert "strategy: ddp" in (folder / "config.yaml").read_text(), command
+            assert "_target_: pytorch_lightning.strategies.DDPStrategy" in (folder / "config.yaml").read_text(), command
             assert json.loads((folder / "metrics.json").read_text())["step"] == 2, command
     # The CPU DDP quickstart ran with its KID/FID at the end, on both ranks, written once.
     ddp_quickstart = next(argv for command, argv, mode in plans if "trainer.accelerator=cpu" in command)

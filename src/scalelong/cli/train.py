@@ -15,7 +15,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from scalelong.cli import (JobFailed, _remove_if_untouched, check_launcher, check_group_choices,
+from scalelong.cli import (JobFailed, _remove_if_untouched, check_group_choices, check_launcher,
                            check_output_folder, fail, skip_the_last_collection)
 from scalelong.config import conf_dir, resolve_resume, to_plain, world_size
 from scalelong.utils.errors import EXIT_DIVERGED, EXIT_RANK_LOST, ConfigError, TrainingDiverged
@@ -143,7 +143,7 @@ def run_training(cfg: DictConfig) -> Any:
               f"command again (it resumes in the same folder) or pass resume={run_dir}", file=sys.stderr, flush=True)
         raise SystemExit(0) from None
     except Exception as err:
-        if watch is None or not _a_rank_was_lost(err):
+        if watch is None or not watch.lost_a_rank(err):
             if watch is not None:
                 watch.armed = False  # this rank's own error: its traceback, not a report about another
             raise
@@ -180,15 +180,6 @@ def _watch_the_other_ranks(config: Mapping[str, Any], run_dir: Path | None):
     return RankWatch(lambda: _how_to_go_on(run_dir, every), EXIT_RANK_LOST)
 
 
-def _a_rank_was_lost(err: BaseException) -> bool:
-    from scalelong.utils.distributed import _lightning_children, in_a_process_group, is_lost_peer_error
-
-    if not in_a_process_group():
-        return False
-    children = _lightning_children() or []
-    return is_lost_peer_error(err) or any(p.poll() not in (None, 0) for p in children)
-
-
 def _how_to_go_on(run_dir: Path, every_n_steps: int) -> str:
     """The last checkpoint's step and how the run continues from it: by itself (torchrun with
     restarts left), by a resubmission (SLURM) or by the command printed."""
@@ -200,13 +191,15 @@ def _how_to_go_on(run_dir: Path, every_n_steps: int) -> str:
     else:
         saved = f"The last checkpoint is at step {step}: {path}"
     if "TORCHELASTIC_RUN_ID" in os.environ:
-        done, most = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)), int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0))
+        done = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+        most = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0))
         if done < most:
-            return f"{saved}\ntorchrun restarts every rank (restart {done + 1} of {most}); they resume from it by themselves."
-        return f"{saved}\nResume: run the same torchrun command again (with the same hydra.run.dir); it continues there."
+            return f"{saved}\ntorchrun restarts every rank (restart {done + 1} of {most}); they resume from it."
+        return f"{saved}\nResume: run the same torchrun command again (same hydra.run.dir); it continues there."
     if "SLURM_JOB_ID" in os.environ:
         return (f"{saved}\nA requeued job (submitit requeues on a time limit or pre-emption) continues there by "
-                f"itself; else submit it again with the same hydra.run.dir or `scontrol requeue {os.environ['SLURM_JOB_ID']}`.")
+                "itself; else submit it again with the same hydra.run.dir or "
+                f"`scontrol requeue {os.environ['SLURM_JOB_ID']}`.")
     return f"{saved}\nResume: {_resume_command(run_dir if step is not None else None)}"
 
 

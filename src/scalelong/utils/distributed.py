@@ -161,6 +161,13 @@ class RankWatch:
             threading.Thread(target=self._watch_parent, name="scalelong-rank0-watch", daemon=True).start()
         _RankWatchHook.install(self)
 
+    def lost_a_rank(self, err: BaseException) -> bool:
+        """Whether ``err``, raised in this process, comes from another rank having stopped."""
+        if not in_a_process_group():
+            return False
+        children = _lightning_children() or []
+        return is_lost_peer_error(err) or any(p.poll() not in (None, 0) for p in children)
+
     def report_failed_collective(self) -> None:
         """From the main thread, after a collective failed: report and raise ``SystemExit``."""
         self._end(self._what_stopped(), hard=False)
