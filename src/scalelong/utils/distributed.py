@@ -86,8 +86,9 @@ def rank_zero_first() -> Iterator[None]:
 
 # torch reads the first of these that is set. 3 ("SkipCleanUp": the watchdog ends the process
 # when a collective fails or times out, without aborting the communicators first, which can
-# itself hang when a peer died mid-collective) is torch's default since 2.2; it is set here so
-# that a survivor stops whatever torch's default becomes. 1 ("TearDown") aborts them first.
+# itself hang when a peer died mid-collective) is torch 2.14's default (ProcessGroupNCCL.hpp);
+# it is set here so that a survivor stops whatever another torch's default is. 1 ("TearDown")
+# aborts the communicators first.
 NCCL_ERROR_HANDLING = ("TORCH_NCCL_ASYNC_ERROR_HANDLING", "NCCL_ASYNC_ERROR_HANDLING")
 
 # What gloo, NCCL and the TCP store say when a peer is gone or silent (the error type is often a
@@ -95,6 +96,9 @@ NCCL_ERROR_HANDLING = ("TORCH_NCCL_ASYNC_ERROR_HANDLING", "NCCL_ASYNC_ERROR_HAND
 _LOST_PEER_MESSAGES = ("connection reset by peer", "connection closed by peer", "broken pipe", "timed out",
                        "timeout", "connection refused", "communicator was aborted", "nccl error",
                        "socket closed", "end of file")
+
+
+RANK_0_GONE = "rank 0 stopped (its process is gone; its exit status is known only to its own shell)"
 
 
 def set_nccl_error_handling() -> None:
@@ -177,15 +181,11 @@ class RankWatch:
     def _what_stopped(self) -> str | None:
         """A sentence naming the rank that stopped, or None when this rank should stay quiet."""
         if self._parent is not None:  # a rank Lightning started: rank 0 is its parent
-            if self._parent_is_gone():
-                return "rank 0 stopped (its process is gone; its exit status is known only to its own shell)"
-            return None  # rank 0 is there and reports for the run
+            return RANK_0_GONE if self._parent_is_gone() else None  # rank 0 is there and reports for the run
         children = _lightning_children()
         if children is not None:  # rank 0 of a Lightning launch: its ranks' exit statuses
             return _which_children_stopped(children)
-        rank = os.environ.get("RANK", "?")
-        return (f"another rank than this one (rank {rank}) stopped or stopped answering; its own output, or the "
-                "launcher's (torchrun, srun), says which and why")
+        return "another rank stopped or stopped answering (the launcher's log, torchrun's or srun's, names it)"
 
     def _parent_is_gone(self) -> bool:
         return os.getppid() != self._parent
@@ -193,7 +193,7 @@ class RankWatch:
     def _watch_parent(self) -> None:
         while not self._parent_is_gone():
             time.sleep(1.0)
-        self._end("rank 0 stopped (its process is gone; its exit status is known only to its own shell)", hard=True)
+        self._end(RANK_0_GONE, hard=True)
 
     def _end(self, what: str | None, hard: bool, children: list | None = None) -> None:
         if not self._lock.acquire(blocking=False):  # another path is reporting: let it finish
