@@ -18,6 +18,7 @@ from scalelong.data.space import DataSpace
 from scalelong.diffusion import TRAIN_T_EPS, VPSchedule, noise_prediction_loss
 from scalelong.model import DiffusionModel
 from scalelong.training.ema import EMA
+from scalelong.training.grad_layout import match_gradient_strides
 from scalelong.training.guard import DivergenceGuard
 from scalelong.utils.distributed import is_distributed
 from scalelong.utils.seeding import STREAM_DROPOUT, STREAM_TRAIN_NOISE, step_seed
@@ -84,10 +85,19 @@ class DiffusionModule(pl.LightningModule):
 
     # --- training -----------------------------------------------------------------------------
 
-    def on_fit_start(self) -> None:
-        if self.channels_last and self.device.type == "cuda":  # faster cuDNN convolutions (UNet)
+    def configure_model(self) -> None:
+        # Before the strategy moves the model and DDP wraps it: DDP's gradient buckets take the
+        # parameters' strides from now on.
+        on_cuda = self._trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+        if self.channels_last and on_cuda:  # faster cuDNN convolutions (UNet)
             self.net.to(memory_format=torch.channels_last)
             self.ema.module.to(memory_format=torch.channels_last)
+        ddp = self._trainer is not None and isinstance(self.trainer.strategy, pl.strategies.DDPStrategy)
+        if ddp and not getattr(self, "_grad_strides_matched", False):  # once: a second fit keeps the hooks
+            match_gradient_strides(self.net)
+            self._grad_strides_matched = True
+
+    def on_fit_start(self) -> None:
         data = getattr(self.trainer.datamodule, "data", None) if self._trainer is not None else None
         if self.space.text_conditional and data is not None:
             self.empty_context.copy_(torch.as_tensor(data.empty_context, dtype=torch.float32))
