@@ -116,7 +116,8 @@ class PlainStep:
         self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.opt)
-        torch.nn.utils.clip_grad_norm_(self.net.parameters(), math.inf, foreach=True)
+        # The gradient norm, as the training step takes it (clipping only with train.grad_clip).
+        torch.nn.utils.get_total_norm([p.grad for p in self.net.parameters() if p.grad is not None], foreach=True)
         self.scaler.step(self.opt)
         self.scaler.update()
         self.ema.update(self.net)
