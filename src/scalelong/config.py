@@ -56,8 +56,35 @@ def _precision_for(accelerator: str, gpu_precision: str) -> str:
     return "32-true" if str(accelerator) == "cpu" else str(gpu_precision)
 
 
+def _auto_accelerator() -> str:
+    """``trainer=auto`` (the default): ``gpu`` where torch sees a CUDA GPU, else ``cpu``."""
+    import torch  # only here: composing a configuration needs no torch otherwise
+
+    return "gpu" if torch.cuda.is_available() else "cpu"
+
+
+def describe_accelerator(trainer_cfg: Mapping[str, Any]) -> str:
+    """The run's first line about where it trains, with what to type for the GPUs it leaves idle:
+    ``accelerator: gpu, 1 of 8 GPUs, bf16-mixed; use all 8 with trainer=ddp``."""
+    import torch
+
+    accelerator, precision = str(trainer_cfg.get("accelerator")), trainer_cfg.get("precision")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if accelerator == "cpu":
+        why = "no CUDA GPU found" if not gpus else f"{gpus} CUDA GPU{'s' * (gpus > 1)} idle; trainer=auto or gpu uses one"
+        return f"accelerator: cpu, {precision} ({why})"
+    if accelerator not in ("gpu", "cuda"):
+        return f"accelerator: {accelerator}, {precision}"
+    used = world_size({**trainer_cfg, "num_nodes": 1})
+    line = f"accelerator: gpu, {used} of {gpus} GPU{'s' * (gpus > 1)}, {precision}"
+    if used < gpus:
+        line += f"; use all {gpus} with trainer=ddp" if used == 1 else f"; all {gpus} with trainer.devices=-1"
+    return line
+
+
 for _name, _fn in (("run_folder", _run_folder), ("label_classes", _label_classes),
-                   ("precision_for", _precision_for), ("job_folder", _job_folder)):
+                   ("precision_for", _precision_for), ("job_folder", _job_folder),
+                   ("auto_accelerator", _auto_accelerator)):
     if not OmegaConf.has_resolver(_name):
         OmegaConf.register_new_resolver(_name, _fn)
 

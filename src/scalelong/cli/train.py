@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from scalelong.cli import (JobFailed, _remove_if_untouched, check_group_choices, check_launcher,
                            check_output_folder, fail, skip_the_last_collection)
-from scalelong.config import conf_dir, resolve_resume, to_plain, world_size
+from scalelong.config import conf_dir, describe_accelerator, resolve_resume, to_plain, world_size
 from scalelong.utils.errors import EXIT_DIVERGED, EXIT_RANK_LOST, ConfigError, TrainingDiverged
 from scalelong.utils.io import write_text
 
@@ -396,13 +396,16 @@ def build_trainer(trainer_cfg: Mapping[str, Any], max_steps: int, loggers: list,
 
         plugins.append(MixedPrecision("16-mixed", "cpu"))
         precision = None
-    return instantiate(
+    trainer = instantiate(
         t, precision=precision, max_steps=max_steps, max_epochs=-1, logger=loggers or False,
         callbacks=callbacks, plugins=plugins, default_root_dir=str(run_dir),
         enable_checkpointing=False,  # PeriodicCheckpoint does it
         enable_progress_bar=False,  # ProgressPrinter does it
         use_distributed_sampler=False,  # StepBatchSampler shards the data itself
         limit_val_batches=0, num_sanity_val_steps=0)
+    if trainer.is_global_zero:  # where it trains (trainer=auto chose), and how to use idle GPUs
+        print(describe_accelerator(trainer_cfg), flush=True)
+    return trainer
 
 
 def _quick_eval(module, data, quick: Mapping[str, Any], sample: Mapping[str, Any], run_dir: Path, write: bool,

@@ -1,10 +1,11 @@
 """The LightningModule: one training step of an epsilon-prediction diffusion model (every random
 draw keyed by (seed, step)), and the hooks around the optimizer step: fp16 unscaling, the
-divergence guard, EMA, warm-up. Details: ``docs/design.md``, "The training step"."""
+divergence guard (decided on the device), EMA, warm-up. Nothing in a step reads the device
+except on logging steps (every ``trainer.log_every_n_steps`` and the last). Details:
+``docs/design.md``, "The training step"."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -17,7 +18,9 @@ from scalelong.data.space import DataSpace
 from scalelong.diffusion import TRAIN_T_EPS, VPSchedule, noise_prediction_loss
 from scalelong.model import DiffusionModel
 from scalelong.training.ema import EMA
-from scalelong.utils.errors import TrainingDiverged
+from scalelong.training.grad_layout import match_gradient_strides
+from scalelong.training.guard import DivergenceGuard
+from scalelong.utils.distributed import is_distributed
 from scalelong.utils.seeding import STREAM_DROPOUT, STREAM_TRAIN_NOISE, step_seed
 
 
@@ -53,10 +56,23 @@ class DiffusionModule(pl.LightningModule):
             self.net.compile()
         if space.text_conditional:  # filled from the data set at fit start; kept in checkpoints for sampling
             self.register_buffer("empty_context", torch.zeros(space.context_shape))
-        self.nonfinite_in_row = 0
-        self.nonfinite_total = 0
-        self.overflow_total = 0  # fp16 steps the loss scaler skipped
+        self.guard = DivergenceGuard(self.max_nonfinite_in_row)
+        self._found_inf_set_on: torch.optim.Optimizer | None = None
         self._sampling_model: DiffusionModel | None = None
+
+    # The guard's counters on the host (each read is a device sync: for tests and scripts, not per step).
+    @property
+    def nonfinite_in_row(self) -> int:
+        return self.guard.read()["in_row"]
+
+    @property
+    def nonfinite_total(self) -> int:
+        return self.guard.read()["total"]
+
+    @property
+    def overflow_total(self) -> int:
+        """fp16 steps the loss scaler skipped."""
+        return self.guard.read()["overflow"]
 
     @property
     def model(self) -> DiffusionModel:
@@ -69,10 +85,19 @@ class DiffusionModule(pl.LightningModule):
 
     # --- training -----------------------------------------------------------------------------
 
-    def on_fit_start(self) -> None:
-        if self.channels_last and self.device.type == "cuda":  # faster cuDNN convolutions (UNet)
+    def configure_model(self) -> None:
+        # Before the strategy moves the model and DDP wraps it: DDP's gradient buckets take the
+        # parameters' strides from now on.
+        on_cuda = self._trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+        if self.channels_last and on_cuda:  # faster cuDNN convolutions (UNet)
             self.net.to(memory_format=torch.channels_last)
             self.ema.module.to(memory_format=torch.channels_last)
+        ddp = self._trainer is not None and isinstance(self.trainer.strategy, pl.strategies.DDPStrategy)
+        if ddp and not getattr(self, "_grad_strides_matched", False):  # once: a second fit keeps the hooks
+            match_gradient_strides(self.net)
+            self._grad_strides_matched = True
+
+    def on_fit_start(self) -> None:
         data = getattr(self.trainer.datamodule, "data", None) if self._trainer is not None else None
         if self.space.text_conditional and data is not None:
             self.empty_context.copy_(torch.as_tensor(data.empty_context, dtype=torch.float32))
@@ -90,8 +115,25 @@ class DiffusionModule(pl.LightningModule):
         latent_noise = torch.randn(shape, device=self.device, generator=g) if self.space.latent_scale else None
         return {"t": t, "noise": noise, "flip": flip, "drop": drop, "latent_noise": latent_noise}
 
+    def _logs_at(self, steps_done: int) -> bool:
+        """Whether the step after which ``steps_done`` optimizer steps are done logs: the steps whose
+        metrics Lightning writes to the loggers (every ``log_every_n_steps``), and the run's last
+        (its values become metrics.json). Other steps log nothing: a ``self.log`` costs host work,
+        a logged value read for the loggers a device sync, and ``sync_dist`` a collective."""
+        if self._trainer is None:
+            return True
+        every = self.trainer.log_every_n_steps or 50  # 0 (no logs): the guard still checks every 50
+        return steps_done % every == 0 or steps_done >= (self.trainer.max_steps or 0) > 0
+
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        step = int(batch["step"])
+        # The batch's step is the trainer's (the sampler starts at it). Read from the batch, which
+        # is on the device by now, it would make the host wait for the GPU every step: it is
+        # checked on logging steps only.
+        step = self.global_step if self._trainer is not None else int(batch["step"])
+        logs = self._logs_at(step + 1)
+        if logs and int(batch["step"]) != step:
+            raise RuntimeError(f"batch of step {int(batch['step'])} at trainer step {step}: the data module's "
+                               "sampler must start at the trainer's global_step")
         local = batch_len(batch)
         world = self.trainer.world_size if self._trainer is not None else 1
         rank = self.trainer.global_rank if self._trainer is not None else 0
@@ -106,8 +148,9 @@ class DiffusionModule(pl.LightningModule):
         # The loss the tests check, with this step's keyed draws of t and the noise.
         loss = noise_prediction_loss(self.net, x0, self.sde, cond, t=draws["t"], noise=draws["noise"])
 
-        self.log("train/loss", loss, prog_bar=True, sync_dist=world > 1)
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"] if self._trainer else 0.0)
+        if logs:
+            self.log("train/loss", loss, sync_dist=world > 1)
+            self.log("train/lr", self.optimizers().param_groups[0]["lr"] if self._trainer else 0.0)
         return loss
 
     def _loss_scaler(self):
@@ -131,65 +174,74 @@ class DiffusionModule(pl.LightningModule):
                 scaler.unscale_(optimizer)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        # Gradients are unscaled (AMP) and all-reduced (DDP) here, so every rank takes the same
-        # decision. The norm is taken before clipping: the log shows what the optimizer was given.
-        max_norm = float(self.grad_clip) if self.grad_clip else math.inf
-        norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), max_norm, foreach=True)
-        self.log("train/grad_norm", norm)
+        # Gradients are unscaled (AMP) and all-reduced (DDP) here. The norm is taken before
+        # clipping: the log shows what the optimizer was given.
+        grads = [p.grad for p in self.net.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads, foreach=True) if grads else torch.zeros((), device=self.device)
+        if self.grad_clip:
+            torch.nn.utils.clip_grads_with_norm_(self.net.parameters(), float(self.grad_clip), norm, foreach=True)
         loss_finite = getattr(self, "_loss_finite", None)
-        flags = torch.stack([torch.isfinite(norm), loss_finite if loss_finite is not None else torch.isfinite(norm)])
-        grads_finite, loss_finite = flags.tolist()  # one device sync per step
-        if self._loss_scaler() is not None and loss_finite and not grads_finite:
-            # fp16 overflow while the loss scale calibrates: the scaler skips this step and
-            # lowers the scale. Not a divergence, and the gradients stay for its own check.
-            self.overflow_total += 1
-            self.log("train/overflow_skipped", float(self.overflow_total))
-            return
-        self._guard_nonfinite(grads_finite and loss_finite)
+        loss_finite = torch.isfinite(norm) if loss_finite is None else loss_finite
+        if is_distributed():
+            # The norm is the same on every rank (all-reduced gradients), the loss is not: with
+            # the loss finite everywhere or nowhere, every rank takes the same decisions.
+            flag = loss_finite.float()
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+            loss_finite = flag > 0
+        scaler = self._loss_scaler()
+        skip = self.guard.decide(norm, loss_finite, self.global_step, scaler is not None)
+        self._skip_on_the_device(getattr(optimizer, "_optimizer", optimizer), skip, scaler)
+        if self._logs_at(self.global_step + 1):
+            counts = self.guard.read()  # the only device read of the guard
+            self.log("train/grad_norm", norm)
+            self.log("train/nonfinite_skipped", float(counts["total"]))
+            if scaler is not None:
+                self.log("train/overflow_skipped", float(counts["overflow"]))
+            self.guard.check(counts, self.global_step, self.trainer.log_every_n_steps or 50)
 
-    def _guard_nonfinite(self, finite: bool) -> None:
-        """Divergence guard: a step with a non-finite loss or gradient is skipped, counted and
-        logged; ``optim.max_nonfinite_in_row`` of them in a row stop the run."""
-        if finite:
-            self.nonfinite_in_row = 0
-        else:
-            # No gradient: AdamW leaves these parameters and their state untouched this step.
+    def _skip_on_the_device(self, optimizer: torch.optim.Optimizer, skip: Tensor, scaler: Any) -> None:
+        """Make the coming optimizer step leave weights and optimizer state (moments, step count)
+        untouched where ``skip`` is 1, without reading it: zeroing the gradients would not do,
+        as AdamW's weight decay, moment decay and step count move on zero gradients too."""
+        if scaler is not None:
+            # The loss scaler skips the step on its own found_inf (fused AdamW on the device,
+            # others after its own read); ours joins it. It also lowers the scale then, as for
+            # the non-finite gradients that a non-finite loss gives.
+            for found in scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"].values():
+                torch.maximum(found, skip.to(found.device), out=found)
+        elif getattr(optimizer, "_step_supports_amp_scaling", False):
+            # Fused Adam/AdamW (the default on CUDA): the kernel skips parameters and moments
+            # where found_inf is 1 and takes the step count back.
+            optimizer.found_inf = skip
+            self._found_inf_set_on = optimizer
+        elif skip.item():
+            # Other optimizers cannot skip on the device: one read per step (free on the CPU,
+            # a sync on a GPU, where AdamW is fused unless optim.fused=false). Without gradients
+            # AdamW leaves these parameters and their state untouched.
             for p in self.net.parameters():
                 p.grad = None
-            self.nonfinite_in_row += 1
-            self.nonfinite_total += 1
-            limit = self.max_nonfinite_in_row
-            if limit and self.nonfinite_in_row >= limit:
-                raise TrainingDiverged(
-                    f"{self.nonfinite_in_row} steps in a row had a non-finite loss or gradient (step "
-                    f"{self.global_step}, {self.nonfinite_total} in all); the last checkpoint holds the last "
-                    "good weights. Lower optim.lr, set train.grad_clip, or try a smaller scaling.kappa"
-                )
-        self.log("train/nonfinite_skipped", float(self.nonfinite_total))
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
+        if self._found_inf_set_on is not None:  # this step's only: no later step() may see it
+            vars(self._found_inf_set_on).pop("found_inf", None)
+            self._found_inf_set_on = None
         # Here rather than in on_train_batch_end: callbacks (checkpoints) run before the
         # module's on_train_batch_end and must see this step's average.
         self.ema.update(self.net, self.global_step + 1)  # the n-th update (global_step counts the steps before)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        every = self.trainer.log_every_n_steps if self._trainer is not None else 1
-        if self.global_step % max(every, 1) == 0:
+        if self._logs_at(self.global_step):
             for i, c in enumerate(self.net.skip_scaling.coefficients(), start=1):
                 self.log(f"scaling/lsc{i}", c.mean)
                 if c.std > 0:
                     self.log(f"scaling/lsc{i}_std", c.std)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["nonfinite"] = {"in_row": self.nonfinite_in_row, "total": self.nonfinite_total,
-                                   "overflow": self.overflow_total}
+        checkpoint["nonfinite"] = self.guard.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        counts = checkpoint.get("nonfinite", {})
-        self.nonfinite_in_row = int(counts.get("in_row", 0))
-        self.nonfinite_total = int(counts.get("total", 0))
-        self.overflow_total = int(counts.get("overflow", 0))
+        self.guard.load_state_dict(checkpoint.get("nonfinite", {}))
 
     def configure_optimizers(self):
         # fused AdamW (one kernel for the whole update) on CUDA unless the config says otherwise
