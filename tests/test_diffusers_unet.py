@@ -146,14 +146,16 @@ def test_bad_configurations_are_one_line(overrides, match):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """2 steps of the real trainer with the tiny preset: one run with mp_cat, one with none."""
+    """2 steps of the real trainer with the tiny preset: one run with mp_cat on Stable Diffusion's
+    discrete schedule (the network sees t * 1000), one with none on the linear one (t * 999)."""
     from scalelong.cli.train import train
 
     root = tmp_path_factory.mktemp("diffusers_runs")
     out = {}
-    for scaling in ("mp_cat", "none"):
+    for scaling, schedule in (("mp_cat", "sd_discrete"), ("none", "linear")):
         cfg = compose(["experiment=smoke", "logger=csv", "model=diffusers_unet_tiny", f"scaling={scaling}",
-                       "train.max_steps=2", "callbacks.stability.every_n_steps=1"], root / scaling)
+                       f"diffusion.schedule={schedule}", "train.max_steps=2", "callbacks.stability.every_n_steps=1"],
+                      root / scaling)
         out[scaling] = {"result": train(cfg), "dir": root / scaling, "config": cfg}
     return out
 
@@ -195,6 +197,7 @@ def test_the_export_loads_in_diffusers_with_the_same_outputs(runs, tmp_path, cap
     record = json.loads((tmp_path / "export" / "scalelong_export.json").read_text())
     assert record["weights"] == "ema" and record["exact"] and record["strategy"] == "none"
     assert record["checkpoint_step"] == 2
+    assert record["time_input_scale"] == 999.0 and record["timesteps"].startswith("t * 999, ")
     # --no-ema exports the raw weights
     assert script.main([str(checkpoint), str(tmp_path / "raw"), "--no-ema"]) == 0
     raw = UNet2DModel.from_pretrained(tmp_path / "raw").eval()
@@ -215,6 +218,10 @@ def test_an_export_that_would_drop_the_strategy_is_refused_unless_asked(runs, tm
     assert "WITHOUT the run's strategy" in capsys.readouterr().out
     record = json.loads((tmp_path / "dropped" / "scalelong_export.json").read_text())
     assert record["strategy_dropped"] and not record["exact"]
+    # The discrete schedule's network saw t * N in training: the record gives that, not the 999 of
+    # the continuous schedules.
+    assert record["diffusion"]["schedule"] == "sd_discrete"
+    assert record["time_input_scale"] == 1000.0 and record["timesteps"].startswith("t * 1000, ")
 
 
 def test_only_diffusers_runs_export(tmp_path, capsys):

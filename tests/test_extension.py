@@ -4,6 +4,7 @@ hydra.searchpath). They train, sweep and appear in the report under their own na
 
 from __future__ import annotations
 
+import csv
 import os
 import subprocess
 import textwrap
@@ -91,9 +92,18 @@ def test_a_strategy_and_a_backbone_from_outside_train_sweep_and_report(tmp_path,
     assert proc.returncode == 0, proc.stderr[-3000:]
     config = (sweep / "1" / "config.yaml").read_text()
     assert "_target_: my_ext.HalfScaling" in config and "_target_: my_ext.TinyNet" in config
-    # The user's strategy ran inside the user's backbone: its coefficients were logged.
-    metrics = (sweep / "1" / "csv" / "version_0" / "metrics.csv").read_text()
-    assert "scaling/lsc1" in metrics.splitlines()[0]
+    # The user's strategy ran inside the user's backbone: it logged its coefficient 0.5 on both long
+    # skips at every step, and the skips measured after it are half those before it (the built-in
+    # `none` of run 0 logs 1 and leaves them alone).
+    for run_dir, factor in (("1", 0.5), ("0", 1.0)):
+        with open(sweep / run_dir / "csv" / "version_0" / "metrics.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
+        for lsc in ("lsc1", "lsc2"):
+            logged = [float(r[f"scaling/{lsc}"]) for r in rows if r[f"scaling/{lsc}"]]
+            assert logged == [factor, factor], (run_dir, lsc, logged)
+            measured = [(float(r[f"skips/{lsc}_after"]), float(r[f"skips/{lsc}_before"]))
+                        for r in rows if r[f"skips/{lsc}_after"]]
+            assert measured and all(after == pytest.approx(factor * before, rel=1e-5) for after, before in measured)
     ckpt = torch.load(sweep / "1" / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 2 and any(k.startswith("net.up.") for k in ckpt["state_dict"])
 

@@ -17,10 +17,11 @@ def report():
     """The report's functions and the command's ``main`` (``scripts/report.py`` runs it)."""
     from types import SimpleNamespace
 
-    from scalelong.analysis import report as analysis
+    from scalelong.analysis.report import write_report
+    from scalelong.analysis.runs import read_metrics
     from scalelong.cli.report import main
 
-    return SimpleNamespace(main=main, read_metrics=analysis.read_metrics, write_report=analysis.write_report)
+    return SimpleNamespace(main=main, read_metrics=read_metrics, write_report=write_report)
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:

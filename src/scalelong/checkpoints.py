@@ -7,11 +7,16 @@ import copy
 import pickle
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
+from torch import nn
 
 from scalelong.utils.errors import DataError
+
+if TYPE_CHECKING:
+    from scalelong.data.space import DataSpace
+    from scalelong.diffusion import VPSchedule
 
 # Where this project keeps the run's configuration inside a Lightning checkpoint.
 CONFIG_KEY = "scalelong"
@@ -97,10 +102,23 @@ def upgrade_legacy_config(old: Mapping[str, Any]) -> dict[str, Any]:
     return config
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu"):
-    """The ``DiffusionModel`` (network, EMA, schedule, data space, run config) of a checkpoint."""
+class ModelParts(NamedTuple):
+    """What ``DiffusionModel`` is made of, as a checkpoint stores it (``DiffusionModel.from_checkpoint``
+    assembles them), and the training step it was saved at."""
+
+    net: nn.Module
+    ema_net: nn.Module
+    sde: VPSchedule
+    space: DataSpace
+    empty_context: torch.Tensor | None
+    config: dict[str, Any]
+    step: int
+
+
+def load_model_parts(path: str | Path, device: str | torch.device = "cpu") -> ModelParts:
+    """The network, its EMA (both in eval mode on ``device``), schedule, data space and run config of
+    a checkpoint, rebuilt from the configuration stored in it."""
     from scalelong.build import build_network, build_schedule, build_space
-    from scalelong.model import DiffusionModel
 
     ckpt = read_checkpoint(path)
     if "state_dict" not in ckpt:
@@ -116,11 +134,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
     except RuntimeError as err:
         raise DataError(f"checkpoint {path} does not fit the model its configuration describes "
                         f"({str(err).splitlines()[0]})") from None
-    model = DiffusionModel(net.to(device).eval(), ema_net.to(device).eval().requires_grad_(False),
-                           build_schedule(config.get("diffusion") or {}), build_space(config["dataset"]),
-                           None if empty is None else empty.to(device), config)
-    model.step = int(ckpt.get("global_step") or 0)
-    return model
+    return ModelParts(net.to(device).eval(), ema_net.to(device).eval().requires_grad_(False),
+                      build_schedule(config.get("diffusion") or {}), build_space(config["dataset"]),
+                      None if empty is None else empty.to(device), config, int(ckpt.get("global_step") or 0))
 
 
 def _section(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

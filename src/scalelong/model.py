@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from scalelong.checkpoints import load_model_parts
 from scalelong.data.space import DataSpace
 from scalelong.diffusion import NoisePredictor, VPSchedule, sample
 from scalelong.scaling.sampling_time import scaled_skips
@@ -50,9 +51,10 @@ class DiffusionModel:
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu") -> DiffusionModel:
         """The model stored in a training checkpoint (``checkpoints/last.ckpt`` of a run)."""
-        from scalelong.checkpoints import load_model
-
-        return load_model(path, device)
+        *parts, step = load_model_parts(path, device)
+        model = cls(*parts)
+        model.step = step
+        return model
 
     @property
     def device(self) -> torch.device:

@@ -82,7 +82,7 @@ class DashboardRun:
 def local_runs(paths: Sequence[str | Path], group: str | None = None) -> tuple[list[DashboardRun], list[Path]]:
     """The W&B runs among the run folders under ``paths`` (those with a ``wandb_id.txt``), with the
     group the logger gave them; only ``group``'s when given. Returns (runs, folders without W&B)."""
-    from scalelong.analysis.report import find_runs, read_fid
+    from scalelong.analysis.runs import find_runs, read_fid
 
     runs, without = [], []
     for folder in find_runs(paths):

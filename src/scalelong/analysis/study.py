@@ -15,7 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from scalelong.analysis.report import BASELINE, Run, Series, _save, _strategy_order, load_runs
+from scalelong.analysis.plots import save_png
+from scalelong.analysis.runs import Run, Series, load_runs, strategy_order
+from scalelong.analysis.tables import BASELINE
 from scalelong.training.loggers import flat_config
 from scalelong.utils.errors import ConfigError
 from scalelong.utils.io import write_text
@@ -261,7 +263,7 @@ def write_study_report(paths: Sequence[str | Path], out: Path, title: str = "Stu
     """Tables and plots of a study's runs into ``out`` (report.md, results.json, PNGs)."""
     runs = load_study(paths)
     cells = list(dict.fromkeys(s.cell for s in runs))
-    arms = _strategy_order([s.run for s in runs])
+    arms = strategy_order([s.run for s in runs])
     seeds = sorted({s.seed for s in runs})
     results: dict[str, Any] = {"cells": {}, "claims": {}}
     parts = [f"# {title}", "", f"{len(runs)} runs: {len(cells)} cells x {len(arms)} strategies x "
@@ -373,7 +375,7 @@ def _plots(runs: Sequence[StudyRun], cells: list[str], arms: list[str], out: Pat
                 ax.legend(fontsize=6)
         fig.tight_layout()
         if drawn:
-            _save(fig, out / name)
+            save_png(fig, out / name)
             written[name] = caption
         plt.close(fig)
     return written

@@ -17,8 +17,9 @@ run's noise schedule) into OUT (default ``<run>/diffusers/<checkpoint name>``), 
 atomically. Load it with ``diffusers.UNet2DModel.from_pretrained(OUT)``. The EMA weights are
 exported unless ``--no-ema``.
 
-The network takes ``timesteps = t * 999`` (continuous time t in [0, 1] of the run's schedule,
-recorded in ``scalelong_export.json``) and predicts the noise.
+The network takes ``timesteps = t * time_input_scale`` (continuous time t in [0, 1] of the run's
+schedule; the scale is the schedule's own: 999 for ``linear`` and ``cosine``, N = 1000 for
+``sd_discrete`` (its num_steps); both recorded in ``scalelong_export.json``) and predicts the noise.
 
 Only a strategy that leaves the long skips as they are (``none``, or ``constant`` with kappa 1)
 exports to exactly the trained network: a plain ``UNet2DModel`` has no place for a skip
@@ -61,12 +62,15 @@ def export(checkpoint: Path, out: Path | None = None, use_ema: bool = True, drop
                           "has no place for it; the export would compute another network. Export the weights "
                           "without it with --drop-strategy, or train with scaling=none")
     out = out or checkpoint.resolve().parent.parent / "diffusers" / checkpoint.stem
+    scale = float(model.sde.time_input_scale)  # what the network saw in training and sees in sampling
     record = {
         "checkpoint": str(checkpoint.resolve()), "checkpoint_step": model.step,
         "weights": "ema" if use_ema else "raw", "strategy": strategy.name,
         "strategy_config": model.config.get("scaling"), "strategy_dropped": not exact,
         "exact": exact, "diffusion": model.config.get("diffusion"),
-        "timesteps": "t * 999, t in [0, 1] continuous time of the schedule above; the network predicts the noise",
+        "time_input_scale": scale,
+        "timesteps": f"t * {scale:g}, t in [0, 1] continuous time of the schedule above; "
+                     "the network predicts the noise",
     }
     with tempfile.TemporaryDirectory(prefix="scalelong-export-") as tmp:
         net.unet.save_pretrained(tmp)
