@@ -420,6 +420,15 @@ def targets(stages: dict, job: dict) -> list[dict]:
     return rows
 
 
+JOB_LABELS = {"train_hours_train_py": "training at train.py's step",
+              "train_hours_plain_step": "training at the plain step",
+              "train_hours_compiled_step": "training at the compiled step",
+              "fid50k_hours_sample_py_bf16": "FID-50k at sample.py's bf16 rate",
+              "fid50k_hours_sample_py_fp32": "FID-50k at sample.py's fp32 rate",
+              "fid50k_hours_bound_bf16": "FID-50k at the bf16 network-evaluation bound",
+              "total_hours": "**total: train.py, then FID-50k in bf16**"}
+
+
 def _num(value, digits: int = 3) -> str:
     if value is None:
         return "-"
@@ -464,7 +473,7 @@ def markdown(report: dict) -> str:
                          f"outputs within {_num(row['max_abs_output_diff'])} |")
     lines += ["", "The paper's CIFAR10 job (500k steps at batch 128, FID-50k with the reverse SDE at 1,000 steps; "
               "Inception's feature time not included), hours:", "", "| part | hours |", "|---|---|"]
-    lines += [f"| {key.replace('_', ' ')} | {_num(value)} |" for key, value in job.items()]
+    lines += [f"| {JOB_LABELS[key]} | {_num(value)} |" for key, value in job.items()]
     lines += ["", "| target | measured | limit | met |", "|---|---|---|---|"]
     for row in report["targets"]:
         met = "-" if row["met"] is None else "yes" if row["met"] else "**no**"

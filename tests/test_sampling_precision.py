@@ -126,3 +126,20 @@ def test_sample_script_uses_bf16_where_cuda_and_fp32_on_request(fid_run, tmp_pat
         assert f"network in {requested or 'bf16'}" in capsys.readouterr().out
     # the same seeds: the two precisions draw the same samples, up to bf16's rounding
     assert np.abs(samples["default"] - samples["fp32"]).max() <= 8
+
+
+def test_tf32_is_on_while_sampling_on_cuda_and_put_back_after(monkeypatch):
+    from scalelong.precision import tf32_on_cuda
+
+    before = torch.get_float32_matmul_precision()
+    with tf32_on_cuda("cpu"):  # nothing changes off CUDA
+        assert torch.get_float32_matmul_precision() == before
+    monkeypatch.setattr(precision_module, "runs_on_cuda", lambda device: True)
+    torch.set_float32_matmul_precision("highest")  # an fp32 training run's own setting
+    try:
+        with tf32_on_cuda("cuda"):
+            assert torch.get_float32_matmul_precision() == "high"  # TF32 matmuls
+            assert torch.backends.cudnn.conv.fp32_precision == "tf32"
+        assert torch.get_float32_matmul_precision() == "highest"
+    finally:
+        torch.set_float32_matmul_precision(before)
