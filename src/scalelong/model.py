@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from scalelong.checkpoints import load_model_parts
 from scalelong.data.space import DataSpace
 from scalelong.diffusion import NoisePredictor, VPSchedule, sample
+from scalelong.precision import AutocastNetwork, sampling_precision, tf32_on_cuda
 from scalelong.scaling.sampling_time import scaled_skips
 from scalelong.utils.errors import ConfigError
 
@@ -112,7 +113,7 @@ class DiffusionModel:
     def generate(self, num: int, sampler: str = "euler_ode", steps: int = 50, seed: int = 0,
                  use_ema: bool = True, labels: Tensor | None = None, contexts: Tensor | None = None,
                  guidance_scale: float = 0.0, batch_size: int | None = None, progress: bool = False,
-                 skip_scale: Any = None) -> Tensor:
+                 skip_scale: Any = None, precision: str | None = None) -> Tensor:
         """``num`` samples as uint8 pixels (num, C, H, W); the same ``seed`` gives the same samples.
 
         Class-conditional models cycle through the classes unless ``labels`` (num,) are given;
@@ -120,9 +121,12 @@ class DiffusionModel:
         applies classifier-free guidance, eps = (1 + w) eps(cond) - w eps(null). ``skip_scale``
         multiplies the long skips while sampling (after the trained strategy): one factor, "outer:inner"
         or a factor per skip (``scalelong.scaling.sampling_time``); 1 or None leave the samples as they are.
+        ``precision`` of the network call: "bf16" (autocast) or "fp32"; None: bf16 on CUDA, fp32
+        elsewhere (``scalelong.precision``). The sampler's arithmetic stays float32 either way.
         """
         net = self.ema_net if use_ema else self.net
         device = self.device
+        precision = sampling_precision(device, precision)
         if self.num_classes and labels is None:
             labels = torch.arange(num, device=device) % self.num_classes
         if self.text_conditional and contexts is None:
@@ -130,12 +134,12 @@ class DiffusionModel:
         g = torch.Generator(device=device).manual_seed(seed)
         out = []
         batch_size = batch_size or num
-        with eval_mode(net), scaled_skips(net, skip_scale):
+        with eval_mode(net), scaled_skips(net, skip_scale), tf32_on_cuda(device):
             for lo in range(0, num, batch_size):
                 n = min(batch_size, num - lo)
                 part_y = None if labels is None else labels[lo:lo + n].to(device)
                 part_c = None if contexts is None else contexts[lo:lo + n].to(device)
-                eps_fn = self.predictor(net, part_y, part_c, guidance_scale)
+                eps_fn = self.predictor(AutocastNetwork(net, device, precision), part_y, part_c, guidance_scale)
                 x = sample(eps_fn, self.sde, (n, *self.space.image_shape), sampler=sampler, steps=steps,
                            generator=g, device=device, progress=progress)
                 out.append(self.decode(x).cpu())

@@ -34,6 +34,10 @@ final_steps, guidance_scale, reference_split), else 50000 samples, euler_maruyam
 Reference statistics default to ``<cache>/fid_stats/{dataset}_{mode}_{split}_{res}.npz`` for the
 checkpoint's data set and reference split (see ``scripts/make_fid_stats.py``).
 
+``--precision bf16`` runs the network under bf16 autocast, ``fp32`` in float32; the default is bf16
+on CUDA and fp32 on the CPU (``fid.json`` records it). The sampler's arithmetic is float32 either
+way; on CUDA the float32 parts (Inception too) use TF32.
+
 MS-COCO text-to-image (U-ViT's protocol: 30k samples, DPM-Solver 50 steps, guidance 1, against
 val2014 at 256 px): sample i is conditioned on a random caption of a random val2014 image, read
 from the val split of the caption features (``--contexts``, default the checkpoint's
@@ -87,6 +91,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip-scale", nargs="+", action="extend", default=None, metavar="SCALE",
                    help="sampling-time factor(s) of the long skips: 0.9, outer:inner (1.0:0.8) or one per skip "
                         "outermost first (1,0.95,0.9); several values sweep them")
+    p.add_argument("--precision", default=None, metavar="fp32|bf16",
+                   help="the network's precision while sampling (default: bf16 on CUDA, fp32 on the CPU)")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--no-save-samples", action="store_true")
     return p.parse_args(argv)
@@ -104,11 +110,13 @@ def run(args: argparse.Namespace, device: str) -> int:
     from scalelong.diffusion import SAMPLERS
     from scalelong.metrics.evaluation import FIDEvaluator
     from scalelong.model import DiffusionModel
+    from scalelong.precision import sampling_precision
     from scalelong.scaling.sampling_time import parse_skip_scale
     from scalelong.utils.distributed import rank_and_world
     from scalelong.utils.errors import ConfigError
 
     rank, world = rank_and_world()
+    args.precision = sampling_precision(device, args.precision)  # a bad value stops before the checkpoint loads
     scales = [parse_skip_scale(v) for v in args.skip_scale or []]
     if len({s.text for s in scales}) != len(scales):
         raise ConfigError(f"--skip-scale lists a value twice ({' '.join(s.text for s in scales)}); give each once")
@@ -134,7 +142,8 @@ def run(args: argparse.Namespace, device: str) -> int:
                             decoder_subfolder=args.decoder_subfolder, seed=args.seed)
     folder = out_dir(args, scales)
     if rank == 0:
-        print(f"{args.num} samples ({args.sampler}, {args.steps} steps) on {world} process(es); "
+        print(f"{args.num} samples ({args.sampler}, {args.steps} steps, network in {args.precision}) on {world} "
+              f"process(es); "
               f"{evaluate.extractor.weights.describe()}; reference {evaluate.ref_path}", flush=True)
     if len(scales) <= 1:
         evaluate_once(args, model, evaluate, guidance, folder, scales[0] if scales else None)
@@ -166,7 +175,7 @@ def evaluate_once(args: argparse.Namespace, model, evaluate, guidance, folder: P
             kept.append((indices, images))
 
     result = evaluate(args.num, args.sampler, args.steps, args.seed, args.chunk_size, float(guidance or 0.0),
-                      args.workers, on_chunk, skip_scale=skip_scale)
+                      args.workers, on_chunk, skip_scale=skip_scale, precision=args.precision)
     files = []
     if not args.no_save_samples and kept:
         indices = torch.cat([i for i, _ in kept]).numpy()
@@ -186,7 +195,7 @@ def evaluate_once(args: argparse.Namespace, model, evaluate, guidance, folder: P
         "metric": "FID", "value": result["fid"], "fid": result["fid"],
         "kid": result["kid"], "kid_std": result["kid_std"],
         "kid_subset_size": result["kid_subset_size"], "num": result["num"],
-        "sampler": args.sampler, "steps": args.steps,
+        "sampler": args.sampler, "steps": args.steps, "precision": result["precision"],
         "guidance_scale": None if guidance is None else float(guidance),
         "skip_scale": None if skip_scale is None else skip_scale.text,
         "skip_factors": None if skip_scale is None else skip_scale.factors(num_skips),

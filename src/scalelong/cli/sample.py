@@ -26,6 +26,9 @@ by ``--decoder`` (default ``dataset.decoder``); without one the grid previews th
 was trained with (training-free, as Skip-Tuning): one factor (``0.9``), a schedule linear from the
 outermost to the innermost skip (``1.0:0.8``), or one factor per skip, outermost first
 (``1,0.95,0.9,...``). The default file names then end in ``_skip<scale>``.
+
+``--precision bf16`` runs the network under bf16 autocast, ``fp32`` in float32 (with TF32 on CUDA);
+the default is bf16 on CUDA and fp32 on the CPU. The sampler's arithmetic is float32 either way.
 """
 
 
@@ -50,6 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip-scale", default=None, metavar="SCALE",
                    help="sampling-time factor of the long skips: 0.9, outer:inner (1.0:0.8) or one per skip "
                         "outermost first (1,0.95,0.9)")
+    p.add_argument("--precision", default=None, metavar="fp32|bf16",
+                   help="the network's precision (default: bf16 on CUDA, fp32 on the CPU)")
     p.add_argument("--out", type=Path, default=None)
     return p.parse_args(argv)
 
@@ -64,6 +69,7 @@ def main(argv=None) -> int:
     from scalelong.utils.io import atomic_write, grid_image
     from scalelong.metrics.evaluation import caption_contexts
     from scalelong.model import DiffusionModel
+    from scalelong.precision import sampling_precision
     from scalelong.scaling.sampling_time import parse_skip_scale
 
     skip_the_last_collection()
@@ -74,6 +80,10 @@ def main(argv=None) -> int:
     except ConfigError as err:
         fail(f"--skip-scale: {err}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        precision = sampling_precision(device, args.precision)
+    except ConfigError as err:
+        fail(str(err))
     try:
         model = DiffusionModel.from_checkpoint(args.checkpoint, device)
         if args.decoder:
@@ -86,7 +96,7 @@ def main(argv=None) -> int:
         images = model.generate(args.num, args.sampler, args.steps, seed=args.seed, use_ema=not args.no_ema,
                                  batch_size=args.batch_size, progress=True, guidance_scale=float(guidance or 0.0),
                                  contexts=None if contexts is None else contexts(torch.arange(args.num)),
-                                 skip_scale=skip_scale)
+                                 skip_scale=skip_scale, precision=precision)
     except ConfigError as err:
         fail(str(err))
     took = time.perf_counter() - start
@@ -105,7 +115,7 @@ def main(argv=None) -> int:
                 grid_image(images[:min(args.num, 400)]).save(png_file, format="PNG")
     except ConfigError as err:
         fail(str(err))
-    print(f"{args.num} samples in {took:.1f}s ({args.num / took:.1f} img/s) -> {png}, {npz}")
+    print(f"{args.num} samples in {took:.1f}s ({args.num / took:.1f} img/s, network in {precision}) -> {png}, {npz}")
     return 0
 
 

@@ -6,7 +6,9 @@ evaluates; ``scripts/evaluate.py`` and the in-training ``FIDCallback`` both use 
     result = evaluate(num=50_000, sampler="euler_maruyama", steps=1000)
 
 Each rank draws its share of the samples, turns them into features and float64 sums, and the sums
-are added over ranks; rank 0 computes FID and KID and every rank gets the same result.
+are added over ranks; rank 0 computes FID and KID and every rank gets the same result. The network
+samples in ``precision`` (bf16 autocast on CUDA by default, fp32 elsewhere: ``scalelong.precision``);
+on CUDA the float32 parts, Inception included, use TF32.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from scalelong.metrics.inception import check_mode
 from scalelong.metrics.reference import (ReferenceStats, check_compatible, default_reference_path, load_reference,
                                         make_reference_stats, reference_resolution, save_reference)
 from scalelong.metrics.sampling import Contexts, generate_shard
+from scalelong.precision import sampling_precision, tf32_on_cuda
 from scalelong.utils.distributed import broadcast_object, rank_and_world, rank_zero_first
 from scalelong.utils.errors import ConfigError, DataError
 
@@ -98,6 +101,7 @@ def evaluate_module(module: Any, ref: ReferenceStats, extractor: Callable[[Tenso
     _, world = rank_and_world()
     result.update(sampler=sampler, steps=int(steps), seed=int(seed), chunk_size=int(chunk_size), world_size=world,
                   guidance_scale=(generate_kwargs or {}).get("guidance_scale"),
+                  precision=(generate_kwargs or {}).get("precision"),
                   mode=getattr(extractor, "mode", None), inception_sha1=getattr(extractor, "sha1", None),
                   ref=None if ref.path is None else str(ref.path), ref_sha1=ref.sha1, warnings=warnings,
                   seconds=round(time.perf_counter() - t0, 1))
@@ -189,18 +193,22 @@ class FIDEvaluator:
 
     def __call__(self, num: int, sampler: str, steps: int, seed: int = 0, chunk_size: int = 250,
                  guidance_scale: float = 0.0, workers: int = 1, on_chunk: OnChunk | None = None,
-                 skip_scale: Any = None) -> dict[str, Any]:
+                 skip_scale: Any = None, precision: str | None = None) -> dict[str, Any]:
         """FID/KID of ``num`` samples; the dict also says how they were made and with which weights.
 
         ``skip_scale`` scales the long skips while sampling (``DiffusionModel.generate``); calling
         again with other values reuses the Inception network and the reference statistics.
+        ``precision`` of the network ("bf16", "fp32"; None: bf16 on CUDA, fp32 elsewhere).
         """
-        generate_kwargs: dict[str, Any] = {"guidance_scale": float(guidance_scale or 0.0)}
+        device = self.model.device
+        generate_kwargs: dict[str, Any] = {"guidance_scale": float(guidance_scale or 0.0),
+                                           "precision": sampling_precision(device, precision)}
         if skip_scale is not None:  # only then: other generate()s (the training module's) lack the option
             generate_kwargs["skip_scale"] = skip_scale
-        result = evaluate_module(self.model, self.ref, self.extractor, num, sampler, steps, seed, chunk_size,
-                                 self.kid_max, self.feature_batch, workers, on_chunk, verbose=self.verbose,
-                                 generate_kwargs=generate_kwargs, contexts=self.contexts)
+        with tf32_on_cuda(device):
+            result = evaluate_module(self.model, self.ref, self.extractor, num, sampler, steps, seed, chunk_size,
+                                     self.kid_max, self.feature_batch, workers, on_chunk, verbose=self.verbose,
+                                     generate_kwargs=generate_kwargs, contexts=self.contexts)
         result["conditions"] = getattr(self.contexts, "source", None)
         return result
 
@@ -225,7 +233,7 @@ def caption_contexts(dataset: Mapping[str, Any], folder: str | Path | None = Non
 def quick_kid_fid(module: Any, dataset: Any, num: int = 200, sampler: str = "euler_maruyama", steps: int = 200,
                   mode: str = "clean", extractor: Callable[[Tensor], Tensor] | None = None, seed: int = 0,
                   verbose: bool = True, on_chunk: OnChunk | None = None,
-                  reference_cache: str | Path | None = None) -> dict[str, Any]:
+                  reference_cache: str | Path | None = None, precision: str | None = None) -> dict[str, Any]:
     """KID and FID of ``num`` EMA samples against ``num`` random images of ``dataset``, printed.
 
     A CPU-sized check for the end of the quickstart, on every rank of a process group (each takes
@@ -234,6 +242,7 @@ def quick_kid_fid(module: Any, dataset: Any, num: int = 200, sampler: str = "eul
     count. ``dataset``: an ``InMemoryImages`` or uint8 images (N, C, H, W); ``on_chunk(indices,
     images)`` sees this rank's samples (the quickstart's final grid is made of them). With
     ``reference_cache`` (a .npz path) the data set images' statistics are computed once and reused.
+    ``precision``: the network's, as in ``FIDEvaluator`` (None: bf16 on CUDA, fp32 elsewhere).
     """
     images = dataset.images if hasattr(dataset, "images") else dataset
     images = to_rgb_uint8(images)
@@ -265,13 +274,15 @@ def quick_kid_fid(module: Any, dataset: Any, num: int = 200, sampler: str = "eul
         if reference_cache is not None and rank == 0:
             save_reference(reference_cache, ref)
     t1 = time.perf_counter()
-    result = evaluate_module(module, ref, extractor, num, sampler, steps, seed, chunk_size=min(num, 50),
-                             kid_max=num, verbose=verbose and rank == 0, on_chunk=on_chunk)
+    with tf32_on_cuda(device):
+        result = evaluate_module(module, ref, extractor, num, sampler, steps, seed, chunk_size=min(num, 50),
+                                 kid_max=num, verbose=verbose and rank == 0, on_chunk=on_chunk,
+                                 generate_kwargs={"precision": sampling_precision(device, precision)})
     result.update(ref_seconds=round(t1 - t0, 1), total_seconds=round(time.perf_counter() - t0, 1))
     if verbose and rank == 0:
         spread = f" +- {result['kid_std']:.5f}" if result["kid_std"] else ""
         print(f"KID {result['kid']:.5f}{spread} and FID {result['fid']:.2f} on {num} samples "
-              f"({sampler}, {steps} steps) vs {num} data set images, {mode} Inception (sha1 "
+              f"({sampler}, {steps} steps, network in {result['precision']}) vs {num} data set images, {mode} Inception (sha1 "
               f"{str(result['inception_sha1'])[:12]}); {result['total_seconds']:.0f} s. At this count "
               "trust KID; FID is biased upwards and comparable only at the same count.", flush=True)
     return result

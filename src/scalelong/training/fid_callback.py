@@ -1,6 +1,6 @@
 """FID and KID of EMA samples every ``every_n_steps`` during training (the official protocol: 10k
 samples, DPM-Solver 50 steps, every 50k steps), through the same ``FIDEvaluator`` as
-``scripts/evaluate.py``. Logs ``eval/fid`` and ``eval/kid``, lists every evaluation in
+``scripts/evaluate.py``, the network in ``precision`` (None: bf16 on CUDA, fp32 elsewhere). Logs ``eval/fid`` and ``eval/kid``, lists every evaluation in
 ``fid_history.json`` and keeps ``checkpoints/best_fid.ckpt`` (decided from that file)."""
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch
 
 from scalelong.metrics.evaluation import FIDEvaluator
 from scalelong.metrics.inception import check_mode
+from scalelong.precision import sampling_precision
 from scalelong.utils.errors import ConfigError, DataError
 from scalelong.utils.io import write_text
 
@@ -52,7 +53,7 @@ class FIDCallback(pl.Callback):
                  at_end: bool = False, history_file: str = "fid_history.json",
                  best_checkpoint: str | None = "checkpoints/best_fid.ckpt", dirpath: str | None = None,
                  feature_extractor: Any = None, verbose: bool = True, fid_key: str = "eval/fid",
-                 kid_key: str = "eval/kid", label: str = "FID"):
+                 kid_key: str = "eval/kid", label: str = "FID", precision: str | None = None):
         self.dataset = dict(dataset or {})
         self.every = int(every_n_steps)
         self.num, self.sampler, self.steps, self.seed = int(num_samples), sampler, int(steps), int(seed)
@@ -72,6 +73,8 @@ class FIDCallback(pl.Callback):
         # logs eval/fd_digits, the Frechet distance in a digit classifier's features).
         self.fid_key, self.kid_key, self.label = fid_key, kid_key, label
         self.evaluator: FIDEvaluator | None = None
+        # checked now (one line before training); the device default is decided at each evaluation
+        self.precision = None if precision is None else sampling_precision("cpu", precision, "callbacks.fid.precision")
         self._last_step = -1
         if self.num < 2:
             raise ConfigError(f"callbacks.fid.num_samples must be at least 2, got {num_samples}")
@@ -140,9 +143,11 @@ class FIDCallback(pl.Callback):
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         step = trainer.global_step
         self._last_step = step
-        result = self.evaluator(self.num, self.sampler, self.steps, self.seed, self.chunk_size, self.guidance_scale)
+        result = self.evaluator(self.num, self.sampler, self.steps, self.seed, self.chunk_size, self.guidance_scale,
+                                precision=self.precision)
         entry = {"step": step, "fid": result["fid"], "kid": result["kid"], "num": result["num"],
                  "sampler": self.sampler, "steps": self.steps, "guidance_scale": self.guidance_scale,
+                 "precision": result["precision"],
                  "kid_std": result["kid_std"],
                  "mode": result["mode"], "inception_sha1": result["inception_sha1"], "ref": result["ref"],
                  "ref_sha1": result["ref_sha1"], "seconds": result["seconds"], "world_size": result["world_size"],
@@ -169,7 +174,7 @@ class FIDCallback(pl.Callback):
             kid = "" if result["kid"] is None else f"  KID {result['kid']:.5f}"
             best = "  best so far" if is_best else ""
             print(f"step {step}: {self.label} {result['fid']:.3f}{kid} on {self.num} samples ({self.sampler}, "
-                  f"{self.steps} steps, {result['seconds']:.0f}s){best}", flush=True)
+                  f"{self.steps} steps, {result['precision']}, {result['seconds']:.0f}s){best}", flush=True)
         return entry
 
     def state_dict(self) -> dict[str, Any]:

@@ -1,0 +1,76 @@
+"""scripts/bench_gpu.py (``make bench-gpu``), the prepared GPU check, at toy size on the CPU: its
+stages run, a stage that fails or outruns its cap is recorded and the next one runs, and the
+paper job's hours follow from the measured figures. The GPU figures are for docs/benchmarks.md."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import load_script
+
+
+def test_toy_run_measures_train_py_and_sample_py_and_writes_json_and_markdown(tmp_path):
+    bench = load_script("bench_gpu")
+    assert bench.main(["--device", "cpu", "--toy", "--only", "device,train_py,sample_bf16", "--out",
+                       str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "bench_gpu.json").read_text())
+    stages = report["stages"]
+    assert {name: stage["status"] for name, stage in stages.items()} == {
+        "device": "ok", "train_py": "ok", "sample_bf16": "ok"}, stages
+    train, sample = stages["train_py"]["result"], stages["sample_bf16"]["result"]
+    # a real train.py run: 4 steps logged every 2, one interval after the first line
+    assert "dataset=cifar10" in train["command"] and len(train["seconds_per_step"]) == 1
+    assert train["seconds_per_step_median"] > 0
+    assert sample["images"] == 2 and sample["images_per_s"] == pytest.approx(2 / sample["seconds"], rel=0.1)
+    assert sample["network_evals_per_s"] == pytest.approx(sample["images_per_s"] * 2)  # toy: 2 steps each
+    job = report["paper_job"]
+    assert job["train_hours_train_py"] == pytest.approx(500_000 * train["seconds_per_step_median"] / 3600)
+    assert job["fid50k_hours_sample_py_bf16"] == pytest.approx(50_000 * 1000 / sample["network_evals_per_s"] / 3600)
+    assert job["total_hours"] == pytest.approx(job["train_hours_train_py"] + job["fid50k_hours_sample_py_bf16"])
+    assert job["train_hours_plain_step"] is None  # the bench stage did not run
+    table = (tmp_path / "bench_gpu.md").read_text()
+    assert "| train.py `time/seconds_per_step`" in table and "| sample.py DPM-Solver" in table
+    assert "| paper CIFAR10 job, hours" in table and "| train_py | ok |" in table
+
+
+def test_a_stage_that_fails_or_outruns_its_cap_is_recorded_and_the_next_one_runs(tmp_path):
+    bench = load_script("bench_gpu")
+    assert bench.main(["--device", "cpu", "--toy", "--only", "train_py,sample_fp32", "--cap", "train_py=1",
+                       "--out", str(tmp_path)]) == 0
+    stages = json.loads((tmp_path / "bench_gpu.json").read_text())["stages"]
+    assert stages["train_py"]["status"] == "timeout" and stages["train_py"]["seconds"] < 5
+    assert stages["sample_fp32"] == {**stages["sample_fp32"], "status": "error",
+                                     "error": "RuntimeError: no checkpoint: the train_py stage did not finish"}
+    assert "| sample_fp32 | error: RuntimeError: no checkpoint" in (tmp_path / "bench_gpu.md").read_text()
+    with pytest.raises(SystemExit, match="gates: no such stage"):
+        bench.main(["--only", "gates"])
+
+
+def test_the_issues_figures_give_its_sixteen_hours_and_the_targets_it_misses():
+    """Issue 26's H200 figures: train.py 62 ms per step against a 48.8 ms plain step, sample.py
+    37 images/s (DPM-Solver 50 steps), the UNet gate 1.21: about 8.6 h + 7.5 h."""
+    bench = load_script("bench_gpu")
+    ok = lambda result: {"status": "ok", "result": result}  # noqa: E731
+    stages = {
+        "bench": ok({"plain_ms": 48.8, "lightning_ms": 57.0, "lightning_over_plain": 57.0 / 48.8,
+                     "plain_ms_by_strategy": {"none": 48.8, "learnable": 48.8}, "network_evals_per_s_bf16": 9700.0,
+                     "network_evals_per_s_fp32": 2000.0, "dpm_solver_50_images_per_s_bf16": 194.0}),
+        "train_py": ok({"seconds_per_step": [0.062, 0.083], "seconds_per_step_median": 0.062, "checkpoint": "x"}),
+        "sample_bf16": ok({"images": 2000, "seconds": 54.0, "images_per_s": 37.0, "network_evals_per_s": 1850.0}),
+        "gate_bf16": ok({"model": "unet:ddpm_cifar10", "strategies": {
+            "none": {"ratio_median_of_rounds": 1.0}, "learnable": {"ratio_median_of_rounds": 1.21}}}),
+        "gate_fp16": {"status": "timeout", "error": "did not finish in 40 s"},
+    }
+    job = bench.paper_job(stages)
+    assert job["train_hours_train_py"] == pytest.approx(8.61, abs=0.01)
+    assert job["fid50k_hours_sample_py_bf16"] == pytest.approx(7.51, abs=0.01)
+    assert job["total_hours"] == pytest.approx(16.1, abs=0.05)
+    assert job["fid50k_hours_bound_bf16"] == pytest.approx(50e6 / 9700 / 3600)
+    rows = bench.targets(stages, job)
+    assert [(None if r["value"] is None else round(r["value"], 3), r["met"]) for r in rows] == [
+        (1.27, False),   # train.py step / plain step
+        (1.21, False),   # UNet gate, bf16
+        (None, None),    # UNet gate, fp16: not measured, neither met nor missed
+        (5.243, False),  # the bound's images/s (9700 / 50) / sample.py's 37
+        (16.119, False)]  # hours of the paper job (8.611 + 7.508), against 6
