@@ -49,7 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--strategies", default=",".join(STRATEGIES))
     p.add_argument("--seeds", default="1,2,3")
     p.add_argument("--every", type=int, default=10, help="snapshot interval in steps (ema.posthoc.every_n_steps)")
-    p.add_argument("--sigma-rel", default="0.03,0.05,0.08,0.12,0.17,0.25")
+    p.add_argument("--sigma-rel", default="0.03,0.05,0.08,0.12,0.2")
     p.add_argument("--num", type=int, default=128, help="samples per evaluation")
     p.add_argument("--sampler", default="ancestral")
     p.add_argument("--steps", type=int, default=20)

@@ -137,8 +137,9 @@ class PostHocEMA(pl.Callback):
         if self.ema_gamma is not None:
             pl_module.ema.gamma = self.ema_gamma
 
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # Here the module is on its device and a resumed run's weights and callback states are loaded.
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Here the module is on its device, and a resumed run's weights, callback states and step
+        # are loaded (the step only after on_fit_start).
         if not (self.active and trainer.is_global_zero):
             return
         self.averages = PowerAverages(pl_module.net, self.gammas)
