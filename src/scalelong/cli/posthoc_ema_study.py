@@ -49,12 +49,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--strategies", default=",".join(STRATEGIES))
     p.add_argument("--seeds", default="1,2,3")
     p.add_argument("--every", type=int, default=10, help="snapshot interval in steps (ema.posthoc.every_n_steps)")
-    p.add_argument("--sigma-rel", default="0.03,0.05,0.08,0.12,0.2")
+    p.add_argument("--sigma-rel", default="0.03,0.05,0.08,0.12,0.2,0.25")
     p.add_argument("--num", type=int, default=128, help="samples per evaluation")
     p.add_argument("--sampler", default="ancestral")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--jobs", type=int, default=2, help="training sweeps (one per seed) and evaluations at once")
     p.add_argument("--no-train", action="store_true", help="evaluate and report the runs that exist")
+    p.add_argument("--report-only", action="store_true", help="only the report, from the runs evaluated already")
     return p.parse_args(argv)
 
 
@@ -73,14 +74,15 @@ def main(argv=None) -> int:
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     overrides = list(args.overrides) or list(CPU_OVERRIDES)
     t0 = time.perf_counter()
-    if not args.no_train:
+    if not (args.no_train or args.report_only):
         train_all(args.out, strategies, seeds, args.every, overrides, args.jobs)
     runs = [(s, seed, args.out / s / f"seed_{seed}") for s in strategies for seed in seeds]
     finished = [r for r in runs if (r[2] / "metrics.json").is_file()]
     missing = [f"{s}/seed_{seed}" for s, seed, d in runs if (s, seed, d) not in finished]
     if missing:
         print(f"not finished (left out): {', '.join(missing)}", flush=True)
-    evaluate_all(finished, targets, args.num, args.sampler, args.steps, args.jobs)
+    if not args.report_only:
+        evaluate_all(finished, targets, args.num, args.sampler, args.steps, args.jobs)
     results = collect(finished, targets)
     write_report(results, args, strategies, seeds, overrides, missing, time.perf_counter() - t0)
     print(f"-> {args.docs}/README.md", flush=True)

@@ -74,11 +74,14 @@ class PowerAverages:
         # state_dict keys (those of ema.module.*) of the parameters; tied weights share one average
         self.keys = [k for k, v in state.items() if id(v) in params]
         self.averages = [[state[k].detach().float().clone() for k in self.keys] for _ in self.gammas]
+        # The parameters themselves, looked up once: a state_dict per step costs more than the lerps.
+        self._net, self._params = net, [state[k] for k in self.keys]
 
     @torch.no_grad()
     def update(self, net: nn.Module, step: int) -> None:
-        state = net.state_dict(keep_vars=True)
-        params = [state[k].detach().float() for k in self.keys]
+        if net is not self._net:
+            raise ValueError("PowerAverages.update: not the network the averages were made for")
+        params = [p.detach() if p.dtype == torch.float32 else p.detach().float() for p in self._params]
         for gamma, average in zip(self.gammas, self.averages):
             torch._foreach_lerp_(average, params, 1.0 - power_decay(step, gamma))
 
