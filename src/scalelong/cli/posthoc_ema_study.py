@@ -85,7 +85,7 @@ def main(argv=None) -> int:
         evaluate_all(finished, targets, args.num, args.sampler, args.steps, args.jobs)
     results = collect(finished, targets)
     write_report(results, args, strategies, seeds, overrides, missing, time.perf_counter() - t0)
-    print(f"-> {args.docs}/README.md", flush=True)
+    print(f"-> {args.docs}/results.md, quality_vs_sigma_rel.png", flush=True)
     return 0
 
 
@@ -262,7 +262,7 @@ def write_report(results: Sequence[dict[str, Any]], args: argparse.Namespace, st
                      f"{ratio} | {diff} | {r['length_verdict']} | {r['quality_verdict']} |")
     lines += ["", f"Per run (best σ_rel, best quality, own EMA): " + "; ".join(
         f"{r['strategy']}/{r['seed']}: {r['best_sigma_rel']:g}, {r['best_quality']:.3f}, {r['own_ema']:.3f}"
-        for r in results), "", f"This report took {seconds / 60:.1f} min to produce (training skipped where done)."]
+        for r in results)]
     write_text(docs / "results.md", "\n".join(lines) + "\n")
 
 
@@ -284,7 +284,7 @@ def plot(rows: Sequence[dict[str, Any]], targets: Sequence[float], path: Path, m
     ax.set_xscale("log")
     ax.set_xlabel("sigma_rel (EMA length / training steps)")
     ax.set_ylabel(f"{measure}, lower is better")
-    ax.set_title("post-hoc EMA on the digits: mean ± 95% interval over seeds", fontsize=9)
+    ax.set_title("post-hoc EMA: mean ± 95% interval over seeds", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     with atomic_write(path) as f:
