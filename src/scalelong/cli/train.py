@@ -277,7 +277,9 @@ def train(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
                        s.get("guidance_scale", 0.0), at_end=_grid_at_end(config))
     progress = ProgressPrinter(config["trainer"].get("log_every_n_steps", 50),
                                after_training=_end_of_run_estimate(config, inception))
-    callbacks = [progress, grids, checkpoints,
+    from scalelong.training.posthoc_ema import PostHocEMA  # first: checkpoints see this step's averages
+
+    callbacks = [*PostHocEMA.for_run(config["ema"], run_dir), progress, grids, checkpoints,
                  ConfigInCheckpoints(config), *extra_callbacks]
     trainer = build_trainer(config["trainer"], int(t["max_steps"]), build_loggers(config, run_dir), callbacks, run_dir)
     if trainer.is_global_zero:

@@ -7,9 +7,15 @@ import copy
 import torch
 from torch import nn
 
+from scalelong.training.power_ema import power_decay
+
 
 class EMA(nn.Module):
     """``ema = d * ema + (1 - d) * weights`` after every optimizer step, d = ``decay``.
+
+    With ``gamma`` (a power-function EMA, EDM2), update n uses d = (1 - 1/n)^(gamma + 1) instead:
+    the average of all steps so far weighted by step^gamma, whose length grows with the run
+    (``scalelong.training.power_ema``; ``ema.sigma_rel`` or ``ema.gamma`` select it for a run).
 
     With ``warmup``, step n uses d = min(decay, (1 + n) / (10 + n)): the average forgets the
     random initial weights within the first hundreds of steps, which a run of a few thousand
@@ -21,16 +27,19 @@ class EMA(nn.Module):
     Buffers (none in our backbones, but a BatchNorm would have them) are copied, not averaged.
     """
 
-    def __init__(self, model: nn.Module, decay: float, warmup: bool = False):
+    def __init__(self, model: nn.Module, decay: float, warmup: bool = False, gamma: float | None = None):
         super().__init__()
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"ema decay must lie in [0, 1), got {decay}")
         self.decay = float(decay)
         self.warmup = bool(warmup)
+        self.gamma = None if gamma is None else float(gamma)
         self.module = copy.deepcopy(model).requires_grad_(False).eval()
 
     def decay_at(self, step: int) -> float:
         """The decay of the update after optimizer step ``step`` (1 for the first)."""
+        if self.gamma is not None:
+            return power_decay(step, self.gamma)
         return min(self.decay, (1.0 + step) / (10.0 + step)) if self.warmup else self.decay
 
     @torch.no_grad()
