@@ -13,7 +13,8 @@ time per op for one step of each strategy, as the difference to ``none`` (CPU on
 
 ``--one-by-one`` adds an arm ``<strategy>/one_by_one`` for each learnable strategy, whose gates
 are computed skip by skip (the UNet's batched ``prepare`` switched off), to compare in one run.
-``--count-ops`` counts the aten ops of the gates alone (forward and backward over every skip of
+``--gates-alone N`` times the gates alone (forward and backward over every skip), batched
+against one by one, N interleaved rounds. ``--count-ops`` counts the aten ops of the gates alone (forward and backward over every skip of
 the preset, batched and one by one): on a GPU each op is at least one kernel launch, which is
 what the gate costs there. On CUDA (``--precision bf16`` or ``fp16``) the networks run in
 channels_last as training does (``model.channels_last``); ``--no-channels-last`` turns it off.
@@ -96,13 +97,9 @@ VIEW_OPS = {"aten::" + n for n in (
     "lift_fresh", "contiguous")}
 
 
-def count_gate_ops(strategy: str, skip_shapes, batch: int, device: torch.device, precision: str,
-                   batched: bool) -> tuple[int, int]:
-    """(aten ops, ops that are not views) of one forward and backward of ``strategy``'s gates
-    over skips of ``skip_shapes``, called as the UNet calls them. Top-level ops only: those
-    that one op calls inside itself are not dispatched again from Python."""
-    from torch.profiler import ProfilerActivity, profile
-
+def gate_step(strategy: str, skip_shapes, batch: int, device: torch.device, precision: str, batched: bool):
+    """One forward and backward of ``strategy``'s gates alone over skips of ``skip_shapes``,
+    called as the UNet calls them (``prepare`` first when ``batched``)."""
     from benchmark import autocast
     from scalelong.scaling import build_skip_scaling
 
@@ -110,7 +107,9 @@ def count_gate_ops(strategy: str, skip_shapes, batch: int, device: torch.device,
     s.setup(skip_shapes, "channels")
     s.to(device)
     dtype = {"fp32": torch.float32}.get(precision, torch.bfloat16 if precision == "bf16" else torch.float16)
-    skips = [torch.randn(batch, *shape, device=device).to(dtype).requires_grad_(True) for shape in skip_shapes]
+    layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    skips = [torch.randn(batch, *shape, device=device).to(dtype).contiguous(memory_format=layout).requires_grad_(True)
+             for shape in skip_shapes]
     upstream = [torch.randn_like(x) for x in skips]
 
     def step():
@@ -122,13 +121,41 @@ def count_gate_ops(strategy: str, skip_shapes, batch: int, device: torch.device,
                 s.prepare(skips)
             outs = [s(x, i) for i, x in enumerate(skips, start=1)]
         torch.autograd.backward(outs, upstream)
+    return step
 
+
+def count_gate_ops(strategy: str, skip_shapes, batch: int, device: torch.device, precision: str,
+                   batched: bool) -> tuple[int, int]:
+    """(aten ops, ops that are not views) of one forward and backward of ``strategy``'s gates
+    (``gate_step``). Top-level ops only: those that one op calls inside itself are not
+    dispatched again from Python."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step = gate_step(strategy, skip_shapes, batch, device, precision, batched)
     step()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         step()
     top = [e.name for e in prof.events() if e.name.startswith("aten::")
            and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))]
     return len(top), sum(name not in VIEW_OPS for name in top)
+
+
+def time_gates_alone(preset: str, strategies, batch: int, device: torch.device, precision: str, rounds: int) -> None:
+    """ms per forward + backward of the gates alone, batched and one by one, interleaved."""
+    from scalelong.models import from_preset
+
+    shapes = from_preset(preset).skip_shapes
+    steps = {}
+    for strategy in strategies:
+        if strategy.startswith("learnable"):
+            steps[strategy] = gate_step(strategy, shapes, batch, device, precision, batched=True)
+            steps[f"{strategy}/one_by_one"] = gate_step(strategy, shapes, batch, device, precision, batched=False)
+    times = interleaved(steps, rounds, 3, device)
+    print(f"\n## the gates alone, forward + backward, {len(shapes)} skips of {preset}, batch {batch}, {precision}, "
+          f"{rounds} interleaved rounds: ms median (quartiles)")
+    for name, ts in times.items():
+        q = statistics.quantiles(ts, n=4)
+        print(f"{name:32s} {1000 * statistics.median(ts):8.2f} ({1000 * q[0]:.2f}-{1000 * q[2]:.2f})", flush=True)
 
 
 def print_op_counts(preset: str, strategies, batch: int, device: torch.device, precision: str) -> None:
@@ -159,6 +186,8 @@ def main(argv=None) -> int:
     p.add_argument("--one-by-one", action="store_true", help="add each learnable strategy with its gates unbatched")
     p.add_argument("--count-ops", action="store_true", help="count the gates' aten ops (UNet presets)")
     p.add_argument("--no-channels-last", action="store_true", help="on CUDA, keep the UNet in NCHW")
+    p.add_argument("--gates-alone", type=int, default=0, metavar="ROUNDS",
+                   help="also time the gates alone, batched against one by one (UNet presets)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -189,6 +218,8 @@ def main(argv=None) -> int:
         del steps
         if args.count_ops and backbone == "unet":
             print_op_counts(preset, strategies, args.batch, device, args.precision)
+        if args.gates_alone and backbone == "unet":
+            time_gates_alone(preset, strategies, args.batch, device, args.precision, args.gates_alone)
     return 0
 
 
