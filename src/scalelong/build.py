@@ -19,7 +19,7 @@ from scalelong.scaling import SkipScaling, build_skip_scaling
 from scalelong.utils.errors import ConfigError
 
 # Keys of a ``model`` node that say how the network runs, not how it is built.
-RUNTIME_MODEL_KEYS = ("compile", "channels_last")
+RUNTIME_MODEL_KEYS = ("compile", "compile_mode", "compile_scope", "channels_last")
 
 
 def build_strategy(scaling: Mapping[str, Any] | str | SkipScaling | None) -> SkipScaling:

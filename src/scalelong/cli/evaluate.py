@@ -110,6 +110,7 @@ def run(args: argparse.Namespace, device: str) -> int:
     from scalelong.diffusion import SAMPLERS
     from scalelong.metrics.evaluation import FIDEvaluator
     from scalelong.model import DiffusionModel
+    from scalelong.models.compile import compile_for_sampling
     from scalelong.precision import sampling_precision
     from scalelong.scaling.sampling_time import parse_skip_scale
     from scalelong.utils.distributed import rank_and_world
@@ -136,6 +137,7 @@ def run(args: argparse.Namespace, device: str) -> int:
     if args.sampler not in SAMPLERS:
         raise ConfigError(f"--sampler {args.sampler!r} is not a sampler; valid: {', '.join(sorted(SAMPLERS))}")
     guidance = args.guidance if args.guidance is not None else protocol.get("guidance_scale")
+    compile_for_sampling(model, args.num, args.steps)  # model.compile of the run (auto: long CUDA evaluations)
     evaluate = FIDEvaluator(model, mode=args.mode, ref=args.ref, inception_weights=args.inception, device=device,
                             kid_max=args.kid_max, feature_batch=args.feature_batch, contexts_dir=args.contexts,
                             context_split=args.context_split, decoder=args.decoder,

@@ -69,6 +69,7 @@ def main(argv=None) -> int:
     from scalelong.utils.io import atomic_write, grid_image
     from scalelong.metrics.evaluation import caption_contexts
     from scalelong.model import DiffusionModel
+    from scalelong.models.compile import compile_for_sampling
     from scalelong.precision import sampling_precision
     from scalelong.scaling.sampling_time import parse_skip_scale
 
@@ -86,6 +87,7 @@ def main(argv=None) -> int:
         fail(str(err))
     try:
         model = DiffusionModel.from_checkpoint(args.checkpoint, device)
+        compile_for_sampling(model, args.num, args.steps)  # model.compile of the run (auto: long CUDA sampling)
         if args.decoder:
             model.set_decoder(args.decoder, args.decoder_subfolder)
         contexts = caption_contexts(model.config["dataset"], args.contexts, args.context_split, args.seed) \

@@ -352,6 +352,7 @@ def build_module(config: Mapping[str, Any]):
     from hydra.utils import instantiate
 
     from scalelong.build import build_network, build_schedule, build_space
+    from scalelong.models.compile import training_compile
     from scalelong.training.module import DiffusionModule
 
     torch.manual_seed(int(config["seed"]))
@@ -362,7 +363,7 @@ def build_module(config: Mapping[str, Any]):
         ema_warmup=config["ema"].get("warmup", False),
         warmup_steps=t.get("warmup_steps", 0), grad_clip=t.get("grad_clip"),
         max_nonfinite_in_row=t.get("max_nonfinite_in_row", 20), seed=config["seed"],
-        channels_last=model_cfg.get("channels_last", False), compile=model_cfg.get("compile", False))
+        channels_last=model_cfg.get("channels_last", False), compile=training_compile(config) or False)
 
 
 def build_loggers(config: Mapping[str, Any], run_dir: Path) -> list:

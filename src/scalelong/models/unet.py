@@ -402,6 +402,12 @@ class UNet(nn.Module):
                 h = level.downsample(h)
                 skips.append(h)
 
+        # Every skip is known now: a learnable strategy computes all its gates in one pass
+        # (a few kernels instead of ~35 per skip). Traced whole by torch.compile, each gate is
+        # left to Inductor's fusion instead.
+        prepare = getattr(self.skip_scaling, "prepare", None)
+        if prepare is not None and not torch.compiler.is_compiling():
+            prepare(skips)
         h = self.mid(h, emb)
 
         for level in reversed(self.up):

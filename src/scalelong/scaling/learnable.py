@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from scalelong.scaling.base import ScalingConfigError, SkipCoefficient, SkipScaling, register_strategy
-from scalelong.scaling.gates import ChannelGate, TokenGate
+from scalelong.scaling.gates import ChannelGate, SkipLayout, TokenGate, all_channel_gates
 
 GATES = ("token", "channel")
 
@@ -27,6 +27,9 @@ class _GatedScaling(SkipScaling):
         self.kernel_size = int(kernel_size)
         # Per LSC, the detached gate of the last forward pass (for logging).
         self._last_gate: dict[int, Tensor] = {}
+        # Per LSC, (skip, gate) computed ahead by ``prepare`` and taken by the forward of that skip.
+        self._prepared: dict[int, tuple[Tensor, Tensor]] = {}
+        self._layouts: dict[tuple, SkipLayout] = {}
 
     def _resolve_gate(self, skip_shapes, layout) -> str:
         # The official per-token gate on token layouts; the channel gate where shapes differ.
@@ -49,9 +52,34 @@ class _GatedScaling(SkipScaling):
     def _gate_for(self, index: int) -> nn.Module:
         raise NotImplementedError
 
+    def _all_gates(self) -> list[nn.Module]:
+        raise NotImplementedError
+
+    def prepare(self, skips: list[Tensor]) -> None:
+        """Compute the channel gates of all LSCs at once (``skips[i-1]`` is LSC i's skip).
+
+        A UNet calls this when its encoder has pushed every skip: one gate at a time would cost
+        about 35 small kernels per LSC (forward and backward), the launches that made ``learnable``
+        1.21x ``none`` on an H200; together they cost a few kernels per LSC plus a dozen shared
+        (``docs/benchmarks.md``, "The UNet gate's cost"). Each ``forward(skip, i)`` with that same
+        skip tensor then takes its gate; any other call computes it as before. The values are
+        those of the gates one by one, up to rounding. A no-op for the token gate.
+        """
+        self._prepared = {}
+        if self.gate_kind != "channel" or len(skips) != self.num_skips or not skips:
+            return
+        key = (tuple(s.shape for s in skips), skips[0].device, self.layout)
+        layout = self._layouts.get(key)
+        if layout is None:
+            layout = self._layouts[key] = SkipLayout([s.shape for s in skips], self.layout == "tokens",
+                                                     skips[0].device)
+        gates = all_channel_gates(self._all_gates(), skips, layout)
+        self._prepared = {i: (s, g) for i, (s, g) in enumerate(zip(skips, gates), start=1)}
+
     def forward(self, skip: Tensor, index: int) -> Tensor:
         self._check_index(index)
-        gate = self._gate_for(index)(skip)
+        ready = self._prepared.pop(index, None)
+        gate = ready[1] if ready is not None and ready[0] is skip else self._gate_for(index)(skip)
         # Keep the small gate itself; its statistics are computed only when someone asks.
         self._last_gate[index] = gate.detach()
         return skip * gate
@@ -84,6 +112,9 @@ class LearnableScaling(_GatedScaling):
     def _gate_for(self, index: int) -> nn.Module:
         return self.gate
 
+    def _all_gates(self) -> list[nn.Module]:
+        return [self.gate]
+
 
 @register_strategy("learnable_nonshared")
 class LearnableNonSharedScaling(_GatedScaling):
@@ -97,3 +128,6 @@ class LearnableNonSharedScaling(_GatedScaling):
 
     def _gate_for(self, index: int) -> nn.Module:
         return self.gates[index - 1]
+
+    def _all_gates(self) -> list[nn.Module]:
+        return list(self.gates)

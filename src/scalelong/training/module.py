@@ -17,6 +17,7 @@ from scalelong.data.sampler import batch_len
 from scalelong.data.space import DataSpace
 from scalelong.diffusion import TRAIN_T_EPS, VPSchedule, noise_prediction_loss
 from scalelong.model import DiffusionModel
+from scalelong.models.compile import compile_network
 from scalelong.training.ema import EMA
 from scalelong.training.grad_layout import match_gradient_strides
 from scalelong.training.guard import DivergenceGuard
@@ -51,9 +52,9 @@ class DiffusionModule(pl.LightningModule):
         self.max_nonfinite_in_row = int(max_nonfinite_in_row or 0)
         self.seed = int(seed)
         self.channels_last = bool(channels_last)
-        if compile:
+        if compile:  # True, or compile_network's options (mode, scope) from models.compile.training_compile
             # In place: parameter names (and so checkpoints) stay those of the eager model.
-            self.net.compile()
+            compile_network(self.net, **(compile if isinstance(compile, dict) else {}))
         if space.text_conditional:  # filled from the data set at fit start; kept in checkpoints for sampling
             self.register_buffer("empty_context", torch.zeros(space.context_shape))
         self.guard = DivergenceGuard(self.max_nonfinite_in_row)

@@ -110,12 +110,15 @@ def eager(net: nn.Module):
     Compiled graphs ignore forward hooks registered after compilation, so measured forwards
     must bypass them; the compiled graph is kept and serves every other step.
     """
-    compiled = getattr(net, "_compiled_call_impl", None)
-    net._compiled_call_impl = None
+    # model.compile_scope=blocks compiles the blocks inside the network, not the network itself
+    saved = [(m, m._compiled_call_impl) for m in net.modules() if getattr(m, "_compiled_call_impl", None)]
+    for m, _ in saved:
+        m._compiled_call_impl = None
     try:
         yield net
     finally:
-        net._compiled_call_impl = compiled
+        for m, compiled in saved:
+            m._compiled_call_impl = compiled
 
 
 class ActivationNormRecorder:
