@@ -45,7 +45,7 @@ class IndexedGenerator:
 
     num_classes = 0
 
-    def generate(self, n, sampler, steps, seed, use_ema=True, labels=None, batch_size=None):
+    def generate(self, n, sampler, steps, seed, use_ema=True, labels=None, batch_size=None, precision=None):
         g = torch.Generator().manual_seed(seed)
         return torch.randint(0, 256, (n, 1, 4, 4), generator=g, dtype=torch.uint8)
 

@@ -54,7 +54,8 @@ def test_trainer_groups_chosen_by_hand_do_not_depend_on_the_machine(gpus):
         gpus(n)
         assert [trainer_of(f"trainer={name}")["accelerator"] for name in ("cpu", "gpu", "ddp")] == ["cpu", "gpu", "gpu"]
         ddp_cpu = trainer_of("trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2")
-        assert (ddp_cpu["strategy"], ddp_cpu["precision"]) == ("ddp", "32-true")
+        strategy = ddp_cpu["strategy"]
+        assert (strategy["_target_"], ddp_cpu["precision"]) == ("pytorch_lightning.strategies.DDPStrategy", "32-true")
 
 
 def test_the_run_prints_its_choice_first(gpus, tmp_path, capsys):

@@ -26,7 +26,7 @@ import torch
 from conftest import ROOT, compose
 from warm_python import run_warm
 
-from scalelong.analysis.report import read_metrics
+from scalelong.analysis.runs import read_metrics
 from scalelong.utils.errors import EXIT_RANK_LOST
 
 TINY = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "experiment=smoke", "logger=csv",
