@@ -1,6 +1,7 @@
 """What a run does after its last step: the quick KID/FID on a CPU-sized count of samples (with
-``quick_eval``), samples/final.png of those samples, and the estimate of how long that takes, which
-the progress printer shows after the first steps. ``cli/train.py`` composes these into the run."""
+``quick_eval``), on the digits their legibility, samples/final.png of those samples, and the
+estimate of how long that takes, which the progress printer shows after the first steps.
+``cli/train.py`` composes these into the run."""
 
 from __future__ import annotations
 
@@ -15,19 +16,32 @@ from scalelong.utils.io import write_text
 def quick_eval(module, data, quick: Mapping[str, Any], sample: Mapping[str, Any], run_dir: Path, write: bool,
                extractor) -> dict[str, float]:
     """KID and FID on a CPU-sized count at the end of a short run (the quickstart), with the run's
-    sampler; quick_eval.json (and, with ``quick_eval.grid``, samples/final.png of the same
-    samples) written by rank 0. The data set's statistics are cached for the next run."""
+    sampler, and on the digits the samples' legibility; quick_eval.json (and, with
+    ``quick_eval.grid``, samples/final.png of the same samples) written by rank 0. The data set's
+    statistics are cached for the next run."""
     from scalelong.metrics.evaluation import nan_to_none, quick_kid_fid
     from scalelong.utils.distributed import all_gather_object
     from scalelong.utils.io import save_image_grid
 
     num = int(quick["num"])
     kept: list = []  # (sample indices, images) of this rank's share
+    reader = _digit_reader(data.dataset_cfg)
+    readings: list = []  # (sample indices, confidences, classes) of this rank's share
+
+    def on_chunk(indices, images):
+        kept.append((indices, images))
+        if reader is not None:
+            readings.append((indices, *reader.read(images)))
+
     cache = _quick_reference(data.dataset_cfg["name"], num)
     result = quick_kid_fid(module.model, data.data, num=num, sampler=sample["sampler"], steps=int(sample["steps"]),
-                           extractor=extractor, on_chunk=lambda indices, images: kept.append((indices, images)),
-                           reference_cache=cache)
+                           extractor=extractor, on_chunk=on_chunk, reference_cache=cache)
     shares = all_gather_object(kept) if quick.get("grid") else []  # collective: on every rank
+    metrics = {"eval/quick_kid": float(result["kid"]), "eval/quick_fid": float(result["fid"])}
+    if reader is not None:  # the same on every rank
+        result["legibility"] = _legibility(reader, all_gather_object(readings), num, write)
+        metrics.update({"eval/legibility": result["legibility"]["mean_confidence"],
+                        "eval/legible_fraction": result["legibility"]["confident"] / num})
     if write:
         write_text(run_dir / "quick_eval.json", json.dumps({k: nan_to_none(v) for k, v in result.items()},
                                                            indent=2, default=str) + "\n")
@@ -39,7 +53,29 @@ def quick_eval(module, data, quick: Mapping[str, Any], sample: Mapping[str, Any]
             for indices, images in pieces:
                 grid[torch.as_tensor(indices)] = images.cpu()
             save_image_grid(grid, run_dir / "samples" / "final.png")
-    return {"eval/quick_kid": float(result["kid"]), "eval/quick_fid": float(result["fid"])}
+    return metrics
+
+
+def _digit_reader(dataset_cfg: Mapping[str, Any]):
+    """The digit classifier's reader for the built-in digits (16x16 grey), else None."""
+    if dataset_cfg.get("name") != "digits" or int(dataset_cfg.get("image_size", 0)) != 16:
+        return None
+    from scalelong.metrics.digits import DigitReader
+
+    return DigitReader()
+
+
+def _legibility(reader, shares: list, num: int, verbose: bool) -> dict[str, Any]:
+    """The samples' legibility (summary and per sample, in sample order) beside that of real
+    digits the classifier never saw, read the same way; its line printed when ``verbose``."""
+    from scalelong.metrics.digits import legibility, legibility_line, readings_in_order
+
+    confidence, label = readings_in_order(shares, num)
+    samples, real = legibility(confidence, label), reader.real_digits()
+    if verbose:
+        print(legibility_line(samples, real), flush=True)
+    return {**samples, "real_digits": real, "classifier_sha1": reader.sha1,
+            "per_sample": {"confidence": [round(float(c), 4) for c in confidence], "class": label.tolist()}}
 
 
 def _quick_reference(dataset: str, num: int) -> Path:
