@@ -224,7 +224,13 @@ def test_every_train_command_of_the_readme_runs(tmp_path):
     runs = list((work / "outputs" / "runs").iterdir())
     assert len(runs) == 1 and runs[0].name.endswith("_digits_unet_none"), runs
     assert (runs[0] / "checkpoints" / "last.ckpt").is_file() and (runs[0] / "config.yaml").is_file()
-    assert json.loads((runs[0] / "quick_eval.json").read_text())["num"] == 8
+    quick = json.loads((runs[0] / "quick_eval.json").read_text())
+    assert quick["num"] == 8
+    # ... and the samples' legibility beside the real digits', printed and saved, per sample too.
+    assert re.search(r"Legibility: \d of 8 samples read as a digit .* \(real digits 0\.\d\d, ", driver.stdout)
+    readable = quick["legibility"]
+    assert readable["num"] == 8 and sum(readable["class_counts"]) == 8 and len(readable["per_sample"]["class"]) == 8
+    assert readable["real_digits"]["mean_confidence"] > 0.85 and readable["real_digits"]["num"] == 297
     assert torch.load(runs[0] / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
     # The Optuna search over kappa: its trials and results (test_sweeps.py's checks, on this run).
     optuna = next((argv for command, argv, mode in plans if command == "python train.py hparams_search=kappa"), None)
@@ -259,6 +265,10 @@ def test_every_train_command_of_the_readme_runs(tmp_path):
     folder = Path(next(a.split("=", 1)[1] for a in ddp_quickstart if a.startswith("hydra.run.dir=")))
     quick = json.loads((folder / "quick_eval.json").read_text())
     assert quick["num"] == 8 and quick["world_size"] == 2 and quick["kid"] is not None
+    # every sample's reading came back from its rank (a softmax's largest value is at least 0.1)
+    assert min(quick["legibility"]["per_sample"]["confidence"]) >= 0.1
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["eval/legibility"] == pytest.approx(quick["legibility"]["mean_confidence"])
     # Its final.png is the grid of all 8 scored samples (both ranks' shares), and no other grid
     # was sampled.
     assert [p.name for p in (folder / "samples").iterdir()] == ["final.png"]

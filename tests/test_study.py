@@ -50,6 +50,8 @@ def test_a_toy_study_runs_resumes_and_reports_intervals_from_the_runs(tmp_path):
         "unet/constant_k05/seed_1", "unet/constant_k05/seed_2", "unet/none/seed_1", "unet/none/seed_2"]
     history = json.loads((runs[0] / "fd_digits_history.json").read_text())
     assert [e["step"] for e in history] == [3, 6] and history[0]["num"] == 16  # quality along training
+    # ... with the legibility of the same 16 samples (a softmax's largest value is at least 0.1)
+    assert 0.1 <= history[0]["legibility"] <= 1 and sum(history[0]["class_counts"]) == 16
     # The same command again: every run is done, none trains again.
     assert again.returncode == 0 and again.stdout.count("finished already") == 4, again.stdout[-2000:]
 

@@ -255,6 +255,7 @@ def train(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
 
     from scalelong.data.module import DiffusionDataModule
     from scalelong.training.callbacks import ConfigInCheckpoints, PeriodicCheckpoint, ProgressPrinter, SampleGrid
+    from scalelong.training.end_of_run import end_of_run_estimate, grid_at_end, load_inception_for_the_end, quick_eval
 
     t = config["train"]
     data = DiffusionDataModule(config["dataset"], int(t["batch_size"]), int(config["seed"]),
@@ -267,16 +268,16 @@ def train(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     for callback in extra_callbacks:
         if hasattr(callback, "prepare"):
             callback.prepare(module.model, config["dataset"])
-    inception = _inception_for_the_end(config) if config.get("quick_eval") else None
+    inception = load_inception_for_the_end(config) if config.get("quick_eval") else None
     run_dir = Path(config["resume"] or config["run_dir"])
     run_dir.mkdir(parents=True, exist_ok=True)
 
     s, c = config["sample"], config["checkpoint"]
     checkpoints = PeriodicCheckpoint(run_dir / "checkpoints", c["every_n_steps"], c.get("keep_every_n_steps"))
     grids = SampleGrid(run_dir / "samples", s["every_n_steps"], s["num"], s["sampler"], s["steps"], s["seed"],
-                       s.get("guidance_scale", 0.0), at_end=_grid_at_end(config))
+                       s.get("guidance_scale", 0.0), at_end=grid_at_end(config))
     progress = ProgressPrinter(config["trainer"].get("log_every_n_steps", 50),
-                               after_training=_end_of_run_estimate(config, inception))
+                               after_training=end_of_run_estimate(config, inception))
     from scalelong.training.posthoc_ema import PostHocEMA  # first: checkpoints see this step's averages
 
     callbacks = [*PostHocEMA.for_run(config["ema"], run_dir), progress, grids, checkpoints,
@@ -295,7 +296,7 @@ def train(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     quick = config.get("quick_eval")
     if quick:  # on every rank: the evaluation shares its work (and its collectives) over all of them
-        metrics.update(_quick_eval(module, data, quick, s, run_dir, trainer.is_global_zero, inception[0]))
+        metrics.update(quick_eval(module, data, quick, s, run_dir, trainer.is_global_zero, inception[0]))
     if trainer.is_global_zero:  # what a sweeper (or a script) reads back
         write_text(run_dir / "metrics.json", json.dumps({"step": trainer.global_step, **metrics}, indent=2) + "\n")
     for logger in trainer.loggers:
@@ -409,92 +410,6 @@ def build_trainer(trainer_cfg: Mapping[str, Any], max_steps: int, loggers: list,
     if trainer.is_global_zero:  # where it trains (trainer=auto chose), and how to use idle GPUs
         print(describe_accelerator(trainer_cfg), flush=True)
     return trainer
-
-
-def _quick_eval(module, data, quick: Mapping[str, Any], sample: Mapping[str, Any], run_dir: Path, write: bool,
-                extractor) -> dict[str, float]:
-    """KID and FID on a CPU-sized count at the end of a short run (the quickstart), with the run's
-    sampler; quick_eval.json (and, with ``quick_eval.grid``, samples/final.png of the same
-    samples) written by rank 0. The data set's statistics are cached for the next run."""
-    from scalelong.metrics.evaluation import nan_to_none, quick_kid_fid
-    from scalelong.utils.distributed import all_gather_object
-    from scalelong.utils.io import save_image_grid
-
-    num = int(quick["num"])
-    kept: list = []  # (sample indices, images) of this rank's share
-    cache = _quick_reference(data.dataset_cfg["name"], num)
-    result = quick_kid_fid(module.model, data.data, num=num, sampler=sample["sampler"], steps=int(sample["steps"]),
-                           extractor=extractor, on_chunk=lambda indices, images: kept.append((indices, images)),
-                           reference_cache=cache)
-    shares = all_gather_object(kept) if quick.get("grid") else []  # collective: on every rank
-    if write:
-        write_text(run_dir / "quick_eval.json", json.dumps({k: nan_to_none(v) for k, v in result.items()},
-                                                           indent=2, default=str) + "\n")
-        pieces = [piece for share in shares for piece in share]
-        if pieces:
-            import torch
-
-            grid = torch.zeros(num, *pieces[0][1].shape[1:], dtype=pieces[0][1].dtype)
-            for indices, images in pieces:
-                grid[torch.as_tensor(indices)] = images.cpu()
-            save_image_grid(grid, run_dir / "samples" / "final.png")
-    return {"eval/quick_kid": float(result["kid"]), "eval/quick_fid": float(result["fid"])}
-
-
-def _quick_reference(dataset: str, num: int) -> Path:
-    """Where the quick evaluation caches the statistics of ``num`` images of the data set."""
-    from scalelong.metrics.inception import cache_dir
-
-    return cache_dir() / "fid_stats" / f"quick_{dataset}_clean_n{num}_seed0.npz"
-
-
-def _inception_for_the_end(config: Mapping[str, Any]) -> tuple[Any, float]:
-    """The Inception network for the KID/FID at the end, loaded before training (so missing
-    weights stop the run at once), and its measured seconds per image on this machine."""
-    import time
-
-    import torch
-
-    from scalelong.metrics import inception
-    from scalelong.metrics.features import iter_features
-    from scalelong.utils.errors import DataError
-
-    try:
-        extractor = inception.load_inception("clean", verbose=False)
-    except DataError as err:
-        raise DataError(f"{err}; or train without the KID/FID at the end: quick_eval=null") from None
-    images = torch.zeros(4, 3, 16, 16, dtype=torch.uint8)
-    list(iter_features(images[:1], extractor, 1))  # warm-up
-    t0 = time.perf_counter()
-    list(iter_features(images, extractor, 4))
-    return extractor, (time.perf_counter() - t0) / 4
-
-
-def _grid_at_end(config: Mapping[str, Any]) -> bool:
-    """Whether SampleGrid samples samples/final.png after the last step: not when the quick
-    evaluation's own samples become that grid (``quick_eval.grid``), nor with ``sample.at_end=false``."""
-    quick = config.get("quick_eval") or {}
-    return bool(config["sample"].get("at_end", True)) and not quick.get("grid")
-
-
-def _end_of_run_estimate(config: Mapping[str, Any], inception: tuple[Any, float] | None):
-    """``seconds per training step -> (seconds of sampling and evaluation at the end, what)``."""
-    sample, quick, batch = config["sample"], config.get("quick_eval"), int(config["train"]["batch_size"])
-
-    def estimate(seconds_per_step: float) -> tuple[float, str]:
-        forward = seconds_per_step / (3 * batch)  # one network evaluation: about a third of a training image
-        seconds, what = 0.0, []
-        if _grid_at_end(config) and sample["num"]:
-            seconds += sample["num"] * sample["steps"] * forward
-            what.append(f"a grid of {sample['num']} samples")
-        if quick:
-            num = int(quick["num"])
-            images = num if _quick_reference(config["dataset"]["name"], num).is_file() else 2 * num
-            seconds += num * sample["steps"] * forward + images * (inception[1] if inception else 0.2)
-            what.append(f"{num} samples and their KID/FID")
-        return seconds, " and ".join(what)
-
-    return estimate
 
 
 def _only_the_ema_copy_in_eval_mode(module) -> bool:

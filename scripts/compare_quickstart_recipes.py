@@ -1,0 +1,152 @@
+"""The quickstart's recipe against others, side by side: legibility, KID and CPU time.
+
+    python scripts/compare_quickstart_recipes.py --seeds 1 2 3 --out outputs/quickstart_recipes
+
+Each recipe is ``python train.py`` (the quickstart as ``make quickstart`` runs it) plus its
+overrides; the runs are interleaved (seed 1 of every recipe, then seed 2, ...) so that a machine
+whose load changes slows them alike. Per run it records the CPU time of the training process
+(user + sys, which another job on a shared CPU inflates far less than wall time), the wall time,
+and from quick_eval.json the samples' legibility and KID. ``results.json`` grows run by run (a
+stopped comparison keeps what it measured and skips it when run again); ``recipes.md`` is the
+table: legibility mean and spread over the seeds, KID, CPU time, and the quiet wall time expected
+from the CPU ratio to the ``current`` recipe and its measured quiet wall time (``--current-wall``).
+
+``--scale 0.02`` shortens every recipe's steps (a check that the comparison runs, not a result).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from scalelong.utils.io import write_text
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# The recipe of commit dd37cb3 (the quickstart before the speed-up), as overrides of today's: the
+# 1.1M-parameter UNet with attention and dropout, 1,500 steps at lr 1e-3, 100 warm-up steps and
+# EMA without warm-up. Its sampler then (Euler-Maruyama, 200 steps) is not taken: legibility does
+# not depend on the sampler (issue 28), and all recipes are scored on the same samples' recipe.
+PREVIOUS = ["model=unet_tiny", "train.max_steps=1500", "optim.lr=1e-3", "train.warmup_steps=100", "ema.warmup=false"]
+
+RECIPES: dict[str, list[str]] = {
+    "current": [],
+    "previous (dd37cb3)": PREVIOUS,
+    "600 steps": ["train.max_steps=600"],
+    "900 steps": ["train.max_steps=900"],
+    "600 steps, EMA 0.99": ["train.max_steps=600", "ema.decay=0.99"],
+    "600 steps, 32 channels": ["train.max_steps=600", "model.base_channels=32"],
+}
+
+
+def steps_of(overrides: list[str]) -> int:
+    for o in overrides:
+        if o.startswith("train.max_steps="):
+            return int(o.split("=", 1)[1])
+    return 300  # conf/recipe/digits.yaml
+
+
+def scaled(overrides: list[str], scale: float) -> list[str]:
+    steps = max(2, round(steps_of(overrides) * scale))
+    rest = [o for o in overrides if not o.startswith("train.max_steps=")]
+    return [*rest, f"train.max_steps={steps}", f"checkpoint.every_n_steps={steps}",
+            f"train.warmup_steps={min(50, steps // 2)}"] if scale != 1 else overrides
+
+
+def run_one(name: str, overrides: list[str], seed: int, folder: Path, extra: list[str]) -> dict:
+    command = [sys.executable, str(ROOT / "train.py"), *overrides, f"seed={seed}", f"hydra.run.dir={folder}", *extra]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    with open(folder.parent / f"{folder.name}.log", "w") as log:
+        code = subprocess.call(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    row = {"recipe": name, "seed": seed, "overrides": overrides, "code": code, "wall_s": round(wall, 1),
+           "cpu_s": round(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime, 1)}
+    quick = folder / "quick_eval.json"
+    if code == 0 and quick.is_file():
+        q = json.loads(quick.read_text())
+        leg = q.get("legibility") or {}
+        row.update(kid=q.get("kid"), legibility=leg.get("mean_confidence"), confident=leg.get("confident"),
+                   num=leg.get("num"), class_counts=leg.get("class_counts"),
+                   real_legibility=(leg.get("real_digits") or {}).get("mean_confidence"))
+    return row
+
+
+def spread(values: list[float]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} +- {statistics.stdev(values):.3f} ({min(values):.3f}-{max(values):.3f})"
+
+
+def table(rows: list[dict], current_wall: tuple[float, float]) -> str:
+    done = [r for r in rows if r["code"] == 0 and r.get("legibility") is not None]
+    cpu_current = [r["cpu_s"] for r in done if r["recipe"] == "current"]
+    lines = ["| recipe | overrides | seeds | legibility (mean conf.) | > 0.9 | KID | CPU s | wall s | "
+             "quiet wall s (from CPU ratio) |", "|---|---|---|---|---|---|---|---|---|"]
+    for name in dict.fromkeys(r["recipe"] for r in rows):
+        mine = [r for r in done if r["recipe"] == name]
+        if not mine:
+            continue
+        cpu = statistics.mean(r["cpu_s"] for r in mine)
+        quiet = "-"
+        if cpu_current:
+            ratio = cpu / statistics.mean(cpu_current)
+            quiet = f"{ratio * current_wall[0]:.0f}-{ratio * current_wall[1]:.0f} (x{ratio:.2f})"
+        kid = [r["kid"] for r in mine if r.get("kid") is not None]
+        lines.append(f"| {name} | {' '.join(mine[0]['overrides']) or '(none)'} | {len(mine)} | "
+                     f"{spread([r['legibility'] for r in mine])} | "
+                     f"{statistics.mean(r['confident'] for r in mine):.0f} of {mine[0]['num']} | "
+                     f"{spread(kid)} | {cpu:.0f} | {statistics.mean(r['wall_s'] for r in mine):.0f} | {quiet} |")
+    real = [r["real_legibility"] for r in done if r.get("real_legibility") is not None]
+    if real:
+        lines.append(f"\nReal digits the classifier never saw, read the same way: mean confidence {real[0]:.3f}.")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--recipes", nargs="+", default=list(RECIPES), help="names of RECIPES to run")
+    parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "quickstart_recipes")
+    parser.add_argument("--scale", type=float, default=1.0, help="multiply every recipe's steps (a smoke test)")
+    parser.add_argument("--current-wall", type=float, nargs=2, default=(75.0, 98.0),
+                        help="the current recipe's measured quiet wall time range, seconds")
+    parser.add_argument("extra", nargs="*", help="overrides for every run (e.g. quick_eval.num=20)")
+    args = parser.parse_args()
+    unknown = [r for r in args.recipes if r not in RECIPES]
+    if unknown:
+        parser.error(f"unknown recipe(s) {unknown}; known: {list(RECIPES)}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    results_file = args.out / "results.json"
+    rows = json.loads(results_file.read_text()) if results_file.is_file() else []
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    for seed in args.seeds:
+        for name in args.recipes:
+            overrides = scaled(RECIPES[name], args.scale)
+            if any(r["recipe"] == name and r["seed"] == seed and r["overrides"] == overrides and r["code"] == 0
+                   for r in rows):  # measured already (a failed run is tried again)
+                continue
+            folder = args.out / f"{re.sub(r'[^A-Za-z0-9]+', '_', name).strip('_')}_seed{seed}"  # Hydra-safe
+            row = run_one(name, overrides, seed, folder, args.extra)
+            rows.append(row)
+            write_text(results_file, json.dumps(rows, indent=1) + "\n")
+            print(f"{name} seed {seed}: legibility {row.get('legibility')}, KID {row.get('kid')}, "
+                  f"CPU {row['cpu_s']} s, wall {row['wall_s']} s, exit {row['code']}", flush=True)
+            write_text(args.out / "recipes.md", table(rows, tuple(args.current_wall)))
+    print(table(rows, tuple(args.current_wall)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""What a run does after its last step: the quick KID/FID on a CPU-sized count of samples (with
+``quick_eval``), on the digits their legibility, samples/final.png of those samples, and the
+estimate of how long that takes, which the progress printer shows after the first steps.
+``cli/train.py`` composes these into the run."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from scalelong.utils.io import write_text
+
+
+def quick_eval(module, data, quick: Mapping[str, Any], sample: Mapping[str, Any], run_dir: Path, write: bool,
+               extractor) -> dict[str, float]:
+    """KID and FID on a CPU-sized count at the end of a short run (the quickstart), with the run's
+    sampler, and on the digits the samples' legibility; quick_eval.json (and, with
+    ``quick_eval.grid``, samples/final.png of the same samples) written by rank 0. The data set's
+    statistics are cached for the next run."""
+    from scalelong.metrics.evaluation import nan_to_none, quick_kid_fid
+    from scalelong.utils.distributed import all_gather_object
+    from scalelong.utils.io import save_image_grid
+
+    num = int(quick["num"])
+    kept: list = []  # (sample indices, images) of this rank's share
+    reader = _digit_reader(data.dataset_cfg)
+    readings: list = []  # (sample indices, confidences, classes) of this rank's share
+
+    def on_chunk(indices, images):
+        kept.append((indices, images))
+        if reader is not None:
+            readings.append((indices, *reader.read(images)))
+
+    cache = _quick_reference(data.dataset_cfg["name"], num)
+    result = quick_kid_fid(module.model, data.data, num=num, sampler=sample["sampler"], steps=int(sample["steps"]),
+                           extractor=extractor, on_chunk=on_chunk, reference_cache=cache)
+    shares = all_gather_object(kept) if quick.get("grid") else []  # collective: on every rank
+    metrics = {"eval/quick_kid": float(result["kid"]), "eval/quick_fid": float(result["fid"])}
+    if reader is not None:  # the same on every rank
+        result["legibility"] = _legibility(reader, all_gather_object(readings), num, write)
+        metrics.update({"eval/legibility": result["legibility"]["mean_confidence"],
+                        "eval/legible_fraction": result["legibility"]["confident"] / num})
+    if write:
+        write_text(run_dir / "quick_eval.json", json.dumps({k: nan_to_none(v) for k, v in result.items()},
+                                                           indent=2, default=str) + "\n")
+        pieces = [piece for share in shares for piece in share]
+        if pieces:
+            import torch
+
+            grid = torch.zeros(num, *pieces[0][1].shape[1:], dtype=pieces[0][1].dtype)
+            for indices, images in pieces:
+                grid[torch.as_tensor(indices)] = images.cpu()
+            save_image_grid(grid, run_dir / "samples" / "final.png")
+    return metrics
+
+
+def _digit_reader(dataset_cfg: Mapping[str, Any]):
+    """The digit classifier's reader for the built-in digits (16x16 grey), else None."""
+    if dataset_cfg.get("name") != "digits" or int(dataset_cfg.get("image_size", 0)) != 16:
+        return None
+    from scalelong.metrics.digits import DigitReader
+
+    return DigitReader()
+
+
+def _legibility(reader, shares: list, num: int, verbose: bool) -> dict[str, Any]:
+    """The samples' legibility (summary and per sample, in sample order) beside that of real
+    digits the classifier never saw, read the same way; its line printed when ``verbose``."""
+    from scalelong.metrics.digits import legibility, legibility_line, readings_in_order
+
+    confidence, label = readings_in_order(shares, num)
+    samples, real = legibility(confidence, label), reader.real_digits()
+    if verbose:
+        print(legibility_line(samples, real), flush=True)
+    return {**samples, "real_digits": real, "classifier_sha1": reader.sha1,
+            "per_sample": {"confidence": [round(float(c), 4) for c in confidence], "class": label.tolist()}}
+
+
+def _quick_reference(dataset: str, num: int) -> Path:
+    """Where the quick evaluation caches the statistics of ``num`` images of the data set."""
+    from scalelong.metrics.inception import cache_dir
+
+    return cache_dir() / "fid_stats" / f"quick_{dataset}_clean_n{num}_seed0.npz"
+
+
+def load_inception_for_the_end(config: Mapping[str, Any]) -> tuple[Any, float]:
+    """The Inception network for the KID/FID at the end, loaded before training (so missing
+    weights stop the run at once), and its measured seconds per image on this machine."""
+    import time
+
+    import torch
+
+    from scalelong.metrics import inception
+    from scalelong.metrics.features import iter_features
+    from scalelong.utils.errors import DataError
+
+    try:
+        extractor = inception.load_inception("clean", verbose=False)
+    except DataError as err:
+        raise DataError(f"{err}; or train without the KID/FID at the end: quick_eval=null") from None
+    images = torch.zeros(4, 3, 16, 16, dtype=torch.uint8)
+    list(iter_features(images[:1], extractor, 1))  # warm-up
+    t0 = time.perf_counter()
+    list(iter_features(images, extractor, 4))
+    return extractor, (time.perf_counter() - t0) / 4
+
+
+def grid_at_end(config: Mapping[str, Any]) -> bool:
+    """Whether SampleGrid samples samples/final.png after the last step: not when the quick
+    evaluation's own samples become that grid (``quick_eval.grid``), nor with ``sample.at_end=false``."""
+    quick = config.get("quick_eval") or {}
+    return bool(config["sample"].get("at_end", True)) and not quick.get("grid")
+
+
+def end_of_run_estimate(config: Mapping[str, Any], inception: tuple[Any, float] | None):
+    """``seconds per training step -> (seconds of sampling and evaluation at the end, what)``."""
+    sample, quick, batch = config["sample"], config.get("quick_eval"), int(config["train"]["batch_size"])
+
+    def estimate(seconds_per_step: float) -> tuple[float, str]:
+        forward = seconds_per_step / (3 * batch)  # one network evaluation: about a third of a training image
+        seconds, what = 0.0, []
+        if grid_at_end(config) and sample["num"]:
+            seconds += sample["num"] * sample["steps"] * forward
+            what.append(f"a grid of {sample['num']} samples")
+        if quick:
+            num = int(quick["num"])
+            images = num if _quick_reference(config["dataset"]["name"], num).is_file() else 2 * num
+            seconds += num * sample["steps"] * forward + images * (inception[1] if inception else 0.2)
+            what.append(f"{num} samples and their KID/FID")
+        return seconds, " and ".join(what)
+
+    return estimate
