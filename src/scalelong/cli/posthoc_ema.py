@@ -189,7 +189,7 @@ def quality_evaluator(model, device):
 def quality_table(rows: Sequence[dict[str, Any]], config: dict) -> str:
     first = rows[0]
     ema = config.get("ema") or {}
-    lines = [f"# Post-hoc EMA: quality against sigma_rel", "",
+    lines = ["# Post-hoc EMA: quality against sigma_rel", "",
              f"{first['measure']} of {first['num']} samples ({first['sampler']}, {first['steps']} steps, seed "
              f"{first['seed']}; the same noise for every row), lower is better. Step {first['step']}.", "",
              "| sigma_rel | gamma | profile fit error | " + first["measure"] + " | KID |", "|---|---|---|---|---|"]

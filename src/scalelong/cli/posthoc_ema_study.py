@@ -260,7 +260,7 @@ def write_report(results: Sequence[dict[str, Any]], args: argparse.Namespace, st
         diff = "-" if r["strategy"] == "none" else _ci(*r["vs_none_best_quality"][:2])
         lines.append(f"| {r['strategy']} | {geo} | {_ci(*r['best_quality'][:2])} | {_ci(*r['gain_over_own'][:2])} | "
                      f"{ratio} | {diff} | {r['length_verdict']} | {r['quality_verdict']} |")
-    lines += ["", f"Per run (best σ_rel, best quality, own EMA): " + "; ".join(
+    lines += ["", "Per run (best σ_rel, best quality, own EMA): " + "; ".join(
         f"{r['strategy']}/{r['seed']}: {r['best_sigma_rel']:g}, {r['best_quality']:.3f}, {r['own_ema']:.3f}"
         for r in results)]
     write_text(docs / "results.md", "\n".join(lines) + "\n")
