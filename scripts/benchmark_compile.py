@@ -26,21 +26,17 @@ os.environ.setdefault("TORCHINDUCTOR_FORCE_DISABLE_CACHES", "1")  # cold compile
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmark.py beside this file
+from benchmark import _sync as sync  # noqa: E402
+from benchmark import autocast  # noqa: E402
 from scalelong.models import from_preset  # noqa: E402
 from scalelong.models.compile import compile_network  # noqa: E402
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def make_step(net, x, t, precision: str):
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-
     def step():
         net.zero_grad(set_to_none=True)
-        with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
+        with autocast(x.device, precision):
             out = net(x, t)
         F.mse_loss(out.float(), torch.zeros_like(out, dtype=torch.float32)).backward()
         return out.detach().float()

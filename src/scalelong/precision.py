@@ -51,19 +51,16 @@ def autocast_settings(device: Any, precision: str) -> dict[str, Any]:
     return {"device_type": device_type, "enabled": False}
 
 
-def network_autocast(device: Any, precision: str) -> torch.autocast:
-    return torch.autocast(**autocast_settings(device, sampling_precision(device, precision)))
-
-
 class AutocastNetwork(nn.Module):
     """``net`` called under ``precision``'s autocast, its output returned as float32."""
 
     def __init__(self, net: nn.Module, device: Any, precision: str):
         super().__init__()
         self.net, self.device, self.precision = net, torch.device(device), sampling_precision(device, precision)
+        self._autocast = autocast_settings(self.device, self.precision)  # once, not at every sampler step
 
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
-        with network_autocast(self.device, self.precision):
+        with torch.autocast(**self._autocast):
             out = self.net(*args, **kwargs)
         return out.float()
 

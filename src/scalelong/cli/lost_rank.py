@@ -42,7 +42,9 @@ def _how_to_go_on(run_dir: Path, every_n_steps: int) -> str:
         saved = f"The last checkpoint is at step {step}: {path}"
     if "TORCHELASTIC_RUN_ID" in os.environ:
         done = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
-        most = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0))
+        from scalelong.utils.distributed import elastic_restarts_allowed
+
+        most = elastic_restarts_allowed()
         if done < most:
             return f"{saved}\ntorchrun restarts every rank (restart {done + 1} of {most}); they resume from it."
         return f"{saved}\nResume: run the same torchrun command again (same hydra.run.dir); it continues there."
@@ -55,13 +57,11 @@ def _how_to_go_on(run_dir: Path, every_n_steps: int) -> str:
 
 def _checkpoint_step(path: Path) -> int | None:
     """The step of a training checkpoint, read without loading its tensors (mmap), or None."""
-    if not path.is_file():
-        return None
-    try:
-        import torch
+    from scalelong.checkpoints import read_checkpoint
 
-        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
-    except Exception:  # unreadable: the report says there is none rather than fail itself
+    try:
+        return int(read_checkpoint(path, mmap=True)["global_step"])
+    except Exception:  # missing or unreadable: the report says there is none rather than fail itself
         return None
 
 

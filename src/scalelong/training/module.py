@@ -63,10 +63,6 @@ class DiffusionModule(pl.LightningModule):
 
     # The guard's counters on the host (each read is a device sync: for tests and scripts, not per step).
     @property
-    def nonfinite_in_row(self) -> int:
-        return self.guard.read()["in_row"]
-
-    @property
     def nonfinite_total(self) -> int:
         return self.guard.read()["total"]
 
@@ -116,6 +112,9 @@ class DiffusionModule(pl.LightningModule):
         latent_noise = torch.randn(shape, device=self.device, generator=g) if self.space.latent_scale else None
         return {"t": t, "noise": noise, "flip": flip, "drop": drop, "latent_noise": latent_noise}
 
+    def _log_every(self) -> int:
+        return self.trainer.log_every_n_steps or 50  # 0 (no logs): the guard still checks every 50
+
     def _logs_at(self, steps_done: int) -> bool:
         """Whether the step after which ``steps_done`` optimizer steps are done logs: the steps whose
         metrics Lightning writes to the loggers (every ``log_every_n_steps``), and the run's last
@@ -123,8 +122,7 @@ class DiffusionModule(pl.LightningModule):
         a logged value read for the loggers a device sync, and ``sync_dist`` a collective."""
         if self._trainer is None:
             return True
-        every = self.trainer.log_every_n_steps or 50  # 0 (no logs): the guard still checks every 50
-        return steps_done % every == 0 or steps_done >= (self.trainer.max_steps or 0) > 0
+        return steps_done % self._log_every() == 0 or steps_done >= (self.trainer.max_steps or 0) > 0
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         # The batch's step is the trainer's (the sampler starts at it). Read from the batch, which
@@ -198,7 +196,7 @@ class DiffusionModule(pl.LightningModule):
             self.log("train/nonfinite_skipped", float(counts["total"]))
             if scaler is not None:
                 self.log("train/overflow_skipped", float(counts["overflow"]))
-            self.guard.check(counts, self.global_step, self.trainer.log_every_n_steps or 50)
+            self.guard.check(counts, self.global_step, self._log_every())
 
     def _skip_on_the_device(self, optimizer: torch.optim.Optimizer, skip: Tensor, scaler: Any) -> None:
         """Make the coming optimizer step leave weights and optimizer state (moments, step count)
