@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from scalelong.metrics.inception import cache_dir
-from scalelong.utils.io import atomic_write
+from scalelong.utils.io import write_bytes
 
 VERSION = 1  # bump when the network or its training changes: cached weights are keyed by it
 READER_VERSION = 1  # the same for the legibility reader (trained also on images that are no digit)
@@ -111,8 +111,7 @@ def load_digit_classifier(cache: str | Path | None = None,
         net, accuracy = train_digit_classifier(outliers=reader)
         buffer = io.BytesIO()
         torch.save({"state_dict": net.state_dict(), "accuracy": accuracy, "version": version}, buffer)
-        with atomic_write(path) as f:
-            f.write(buffer.getvalue())
+        write_bytes(path, buffer.getvalue())
     data = path.read_bytes()
     stored = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     net = DigitClassifier()

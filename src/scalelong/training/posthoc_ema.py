@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from scalelong.training.power_ema import (SIGMA_REL_MAX, gamma_of_sigma_rel, power_decay, representable_range,
                                           sigma_rel_of_gamma, solve_coefficients)
 from scalelong.utils.errors import ConfigError, DataError
-from scalelong.utils.io import atomic_write
+from scalelong.utils.io import write_bytes
 
 SNAPSHOT_DIR = "ema_snapshots"
 FORMAT = 1
@@ -197,8 +197,7 @@ class PostHocEMA(pl.Callback):
         path = self.dirpath / f"step_{step:07d}.pt"
         buffer = io.BytesIO()
         torch.save(snapshot, buffer)
-        with atomic_write(path) as f:
-            f.write(buffer.getbuffer())
+        write_bytes(path, buffer.getvalue())
         self._last_snapshot = step
         return path
 
@@ -308,7 +307,7 @@ def reconstruct(snapshots: Sequence[Snapshot], solution: Solution) -> dict[str, 
                     total[k].add_(v.to(torch.float64), alpha=c)
                 else:
                     total[k] = v.to(torch.float64) * c
-    last = _load(snapshots[max(by_snapshot)].path)
+    last = stored  # the loop's last pass loaded the latest snapshot used
     state = {k: v.to(torch.float32) for k, v in total.items()}
     state.update({k: v.clone() for k, v in last["buffers"].items()})
     return state
