@@ -16,6 +16,8 @@ BAD_SCALING = [
     (["scaling.name=lernable"], "valid strategies: none, sqrt2, constant, learnable, learnable_nonshared"),
     (["scaling=constant", "scaling.kappa=0"], "kappa must lie in (0, 1], got 0"),
     (["scaling=constant", "scaling.kappa=1.5"], "kappa must lie in (0, 1], got 1.5"),
+    (["train.lr_decay=exponential"], "train.lr_decay='exponential' is not a schedule; give null (constant after "
+                                     "the warm-up, the paper's), cosine or linear"),
 ]
 
 

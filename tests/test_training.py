@@ -16,7 +16,8 @@ from scalelong.cli.train import train
 from scalelong.scaling import STRATEGIES
 from scalelong.cli.train import build_module
 from scalelong.model import DiffusionModel
-from scalelong.training.module import DiffusionModule, warmup_constant
+from scalelong.training.lr_schedule import lr_factor, warmup_constant
+from scalelong.training.module import DiffusionModule
 
 SCALING_OVERRIDES = {name: [f"scaling={name}"] for name in STRATEGIES}
 SCALING_OVERRIDES["constant"] = ["scaling=constant", "scaling.kappa=0.7"]
@@ -119,6 +120,26 @@ def test_the_trainer_updates_the_ema_once_per_step_and_warms_the_lr_up(tmp_path,
                 torch.testing.assert_close(actual, expected)
         assert len(seen["ema"]) == 6
         assert not torch.equal(seen["weights"][-1][0], seen["weights"][1][0])  # the weights did move
+
+
+@pytest.mark.parametrize("decay, expected", [
+    # warm-up over 3 steps, then from 1 down to 0 at step 7: cos(pi * k / 4) / 2 + 1/2 for k = 0..3
+    ("cosine", [0.0, 1 / 3, 2 / 3, 1.0, 0.5 + 0.5 * math.cos(math.pi / 4), 0.5, 0.5 - 0.5 * math.cos(math.pi / 4)]),
+    ("linear", [0.0, 1 / 3, 2 / 3, 1.0, 0.75, 0.5, 0.25]),
+])
+def test_the_trainer_decays_the_lr_to_zero_at_the_last_step(tmp_path, monkeypatch, decay, expected):
+    """``train.lr_decay``: through the real trainer, optimizer step k uses lr * the schedule's factor."""
+    seen = []
+
+    class Recording(DiffusionModule):
+        def on_before_optimizer_step(self, optimizer):
+            super().on_before_optimizer_step(optimizer)
+            seen.append(optimizer.param_groups[0]["lr"])
+
+    monkeypatch.setattr("scalelong.training.module.DiffusionModule", Recording)
+    train(smoke(tmp_path, "train.max_steps=7", "train.warmup_steps=3", "optim.lr=1e-3", f"train.lr_decay={decay}"))
+    assert seen == pytest.approx([1e-3 * f for f in expected])
+    assert lr_factor(7, 3, decay, 7) == 0.0 and lr_factor(5, 3, None, 7) == 1.0
 
 
 def test_ema_arithmetic():

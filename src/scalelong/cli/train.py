@@ -42,11 +42,13 @@ def check_before_start(config: Mapping[str, Any]) -> None:
     """Checks that fail fast with one readable line, before anything is built or written."""
     from scalelong.build import build_strategy
     from scalelong.data.sampler import check_global_batch
+    from scalelong.training.lr_schedule import check_lr_decay
 
     build_strategy(config["scaling"])  # an unknown strategy, option or a bad kappa
     check_global_batch(int(config["train"]["batch_size"]), world_size(config["trainer"]))
     if int(config["train"]["max_steps"]) < 1:
         raise ConfigError(f"train.max_steps must be at least 1, got {config['train']['max_steps']}")
+    check_lr_decay(config["train"].get("lr_decay"))
 
 
 def _sweep_job_needs_own_processes(config: dict) -> bool:
@@ -301,7 +303,8 @@ def build_module(config: Mapping[str, Any]):
         ema_warmup=config["ema"].get("warmup", False),
         warmup_steps=t.get("warmup_steps", 0), grad_clip=t.get("grad_clip"),
         max_nonfinite_in_row=t.get("max_nonfinite_in_row", 20), seed=config["seed"],
-        channels_last=model_cfg.get("channels_last", False), compile=training_compile(config) or False)
+        channels_last=model_cfg.get("channels_last", False), compile=training_compile(config) or False,
+        lr_decay=t.get("lr_decay"), max_steps=t["max_steps"])
 
 
 def build_loggers(config: Mapping[str, Any], run_dir: Path) -> list:

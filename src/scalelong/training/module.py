@@ -1,6 +1,6 @@
 """The LightningModule: one training step of an epsilon-prediction diffusion model (every random
 draw keyed by (seed, step)), and the hooks around the optimizer step: fp16 unscaling, the
-divergence guard (decided on the device), EMA, warm-up. Nothing in a step reads the device
+divergence guard (decided on the device), EMA, the learning-rate schedule. Nothing in a step reads the device
 except on logging steps (every ``trainer.log_every_n_steps`` and the last). Details:
 ``docs/design.md``, "The training step"."""
 
@@ -21,14 +21,9 @@ from scalelong.models.compile import compile_network
 from scalelong.training.ema import EMA
 from scalelong.training.grad_layout import match_gradient_strides
 from scalelong.training.guard import DivergenceGuard
+from scalelong.training.lr_schedule import check_lr_decay, lr_factor
 from scalelong.utils.distributed import is_distributed
 from scalelong.utils.seeding import STREAM_DROPOUT, STREAM_TRAIN_NOISE, step_seed
-
-
-def warmup_constant(step: int, warmup_steps: int) -> float:
-    """LR factor: linear warm-up from 0 over ``warmup_steps`` optimizer steps, then 1 (as the
-    official U-ViT ``customized`` schedule, which gives step 0 a factor of 0)."""
-    return min(step / warmup_steps, 1.0) if warmup_steps > 0 else 1.0
 
 
 class DiffusionModule(pl.LightningModule):
@@ -42,13 +37,15 @@ class DiffusionModule(pl.LightningModule):
 
     def __init__(self, net: nn.Module, sde: VPSchedule, space: DataSpace, optimizer: Callable[..., torch.optim.Optimizer],
                  ema_decay: float = 0.9999, ema_warmup: bool = False, warmup_steps: int = 0, grad_clip: float | None = None,
-                 max_nonfinite_in_row: int = 20, seed: int = 0, channels_last: bool = False, compile: bool = False):
+                 max_nonfinite_in_row: int = 20, seed: int = 0, channels_last: bool = False, compile: bool = False,
+                 lr_decay: str | None = None, max_steps: int = 0):
         super().__init__()
         self.net = net
         self.ema = EMA(self.net, float(ema_decay), ema_warmup)
         self.sde, self.space = sde, space
         self.optimizer_factory = optimizer
         self.warmup_steps, self.grad_clip = int(warmup_steps), grad_clip
+        self.lr_decay, self.max_steps = check_lr_decay(lr_decay), int(max_steps)
         self.max_nonfinite_in_row = int(max_nonfinite_in_row or 0)
         self.seed = int(seed)
         self.channels_last = bool(channels_last)
@@ -247,6 +244,6 @@ class DiffusionModule(pl.LightningModule):
         fused = getattr(self.optimizer_factory, "keywords", {}).get("fused")
         extra = {"fused": True} if fused is None and self.device.type == "cuda" else {}
         optimizer = self.optimizer_factory(self.net.parameters(), **extra)
-        warmup = self.warmup_steps
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_constant(s, warmup))
+        warmup, decay, total = self.warmup_steps, self.lr_decay, self.max_steps
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, decay, total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
