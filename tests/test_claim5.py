@@ -125,10 +125,12 @@ def test_the_report_command_writes_the_tables_the_plot_and_names_what_is_missing
          "unet_quickstart/sqrt2/seed_1": {"cpu_seconds": 360.0, "wall_seconds": 370.0, "attempts": 2}}))
     script = str(ROOT / "scripts" / "claim5_study.py")
     common = ["--out", str(tmp_path / "out"), "--docs", str(tmp_path / "docs"), "--seeds", "1,2,3"]
-    report, no_none, bad_cell = run_in_one_process(
+    report, no_none, bad_cell, no_runs = run_in_one_process(
         [[script, "--report-only", *common, "--arms", "none,sqrt2"],
          [script, "--report-only", *common, "--arms", "sqrt2"],
-         [script, "--report-only", *common, "--cells", "unet"]], cwd=tmp_path)
+         [script, "--report-only", *common, "--cells", "unet"],
+         [script, "--report-only", "--out", str(tmp_path / "empty"), "--docs", str(tmp_path / "empty_docs")]],
+        cwd=tmp_path)
     assert report.returncode == 0, report.stderr[-3000:]
     assert "runs finished: 11 of 12 (missing: uvit13/sqrt2/seed_3)" in report.stdout
     results = json.loads((tmp_path / "docs" / "claim5.json").read_text())
@@ -145,6 +147,8 @@ def test_the_report_command_writes_the_tables_the_plot_and_names_what_is_missing
         "error: --arms must include none (every comparison is against it), got sqrt2"]
     assert bad_cell.returncode == 2 and "--cells: unet not in conf/claim5_cell; valid: unet_quickstart, uvit13" \
         in bad_cell.stderr and "Traceback" not in bad_cell.stderr
+    assert no_runs.returncode == 2 and no_runs.stderr.startswith("error: no finished runs of the plan in ")
+    assert not (tmp_path / "empty_docs").exists()  # no empty report over a real one
 
 
 def test_the_sweep_runs_seeds_outermost_each_run_into_the_folder_of_the_multirun_with_its_config(tmp_path):

@@ -29,7 +29,7 @@ import numpy as np
 import yaml
 
 from scalelong.analysis.study import interval
-from scalelong.utils.errors import DataError
+from scalelong.utils.errors import ConfigError, DataError
 from scalelong.utils.io import write_text
 
 LEGIBILITY_THRESHOLD = 0.78  # the previous quickstart's legibility, the one the new recipe must reach (issue 28)
@@ -360,7 +360,7 @@ def plot_legibility(results: Mapping[str, Any], runs: Sequence[Claim5Run], path:
     if not cells:
         return False
     fig, axes = plt.subplots(1, len(cells), figsize=(5.2 * len(cells), 3.8), squeeze=False)
-    arms = list(dict.fromkeys(r.arm for r in runs))
+    arms = list(dict.fromkeys(arm for per_arm in results["cells"].values() for arm in per_arm))  # the plan's order
     for ax, cell in zip(axes[0], cells):
         for k, arm in enumerate(arms):
             got = [r for r in runs if r.cell == cell and r.arm == arm]
@@ -389,6 +389,10 @@ def write_report(out: Path, docs: Path, command: str, cells: Sequence[str] = CEL
                  fd_threshold: float | None = None) -> dict[str, Any]:
     """``claim5.md``, ``claim5.json`` and ``claim5_legibility.png`` in ``docs``; returns the results."""
     runs, missing = collect(Path(out), cells, arms, seeds)
+    if not runs:
+        raise ConfigError(f"no finished runs of the plan in {out} (looked for <cell>/<arm>/seed_<s> with "
+                          "metrics.json); run python scripts/claim5_study.py without --report-only first, "
+                          "or point --out at the sweep")
     results = {"command": command, **analyse(runs, missing, cells, arms, seeds, legibility_threshold, fd_threshold)}
     docs = Path(docs)
     plot_legibility(results, runs, docs / "claim5_legibility.png")
