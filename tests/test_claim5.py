@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
 import sys
 
 import numpy as np
@@ -181,3 +183,28 @@ def test_the_ledger_adds_the_cpu_time_of_attempts_that_trained_and_not_of_runs_a
     assert sorted(ledger) == ["unet_quickstart/none/seed_1", "unet_quickstart/sqrt2/seed_1"]
     for entry in ledger.values():
         assert entry["attempts"] == 1 and 0.3 <= entry["cpu_seconds"] < 2.0  # its own, not the other job's too
+
+
+CTRL_C = '''
+import os, signal, sys, threading
+from scalelong.cli import claim5_study
+# a stand-in for train.py: Lightning exits 1 on Ctrl-C; train.py saves a checkpoint and exits 0 on SIGTERM
+child = ("import signal, sys, time\\n"
+         "signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))\\n"
+         "try:\\n    time.sleep(30)\\nexcept KeyboardInterrupt:\\n    sys.exit(1)\\n")
+claim5_study.train_command = lambda out, seed, cell, arm, overrides: [sys.executable, "-c", child]
+threading.Timer(1.0, lambda: os.killpg(os.getpgrp(), signal.SIGINT)).start()  # Ctrl-C in the terminal
+claim5_study.train_all(sys.argv[1], [(seed, "unet_quickstart", "none") for seed in range(1, 7)], [], 2)
+'''
+
+
+def test_ctrl_c_stops_the_sweep_without_starting_another_run(tmp_path):
+    (tmp_path / "ctrl_c.py").write_text(CTRL_C)
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.run([sys.executable, str(tmp_path / "ctrl_c.py"), str(tmp_path / "out")], env=env,
+                          capture_output=True, text=True, timeout=60, start_new_session=True)
+    assert proc.returncode == 130, proc.stderr[-2000:]
+    started = [line for line in proc.stdout.splitlines() if line.endswith(".log)")]
+    assert len(started) == 2  # the two under way, not the four after them
+    assert proc.stdout.count("stopped (the same command resumes it") == 2
+    assert proc.stderr.strip().endswith("stopped; the same command resumes the sweep")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -132,7 +133,12 @@ def train_all(out: Path, runs: Sequence[tuple[int, str, str]], overrides: Sequen
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
 
+    stop = threading.Event()  # set when the sweep is stopped: the runs not started yet are not started
+    live: set[subprocess.Popen] = set()
+
     def train(k: int, seed: int, cell: str, arm: str) -> int:
+        if stop.is_set():
+            return 0
         key = run_key(cell, arm, seed)
         metrics = out / cell / arm / f"seed_{seed}" / "metrics.json"
         before = metrics.stat().st_mtime_ns if metrics.is_file() else None
@@ -140,9 +146,15 @@ def train_all(out: Path, runs: Sequence[tuple[int, str, str]], overrides: Sequen
         print(f"[{k}/{len(runs)}] {key} (log: {log})", flush=True)
         t0 = time.perf_counter()
         with open(log, "a") as f:
-            proc = subprocess.Popen(train_command(out, seed, cell, arm, overrides), stdout=f, stderr=subprocess.STDOUT,
-                                    env=_one_thread_env())
+            with lock:
+                if stop.is_set():
+                    return 0
+                proc = subprocess.Popen(train_command(out, seed, cell, arm, overrides), stdout=f,
+                                        stderr=subprocess.STDOUT, env=_one_thread_env())
+                live.add(proc)
             _, status, usage = os.wait4(proc.pid, 0)  # this child's own CPU time, not the other job's
+            with lock:
+                live.discard(proc)
             proc.returncode = os.waitstatus_to_exitcode(status)
         cpu, wall = usage.ru_utime + usage.ru_stime, time.perf_counter() - t0
         after = metrics.stat().st_mtime_ns if metrics.is_file() else None
@@ -154,12 +166,34 @@ def train_all(out: Path, runs: Sequence[tuple[int, str, str]], overrides: Sequen
                 entry["wall_seconds"] += wall
                 entry["attempts"] += 1
                 write_text(out / CPU_LEDGER, json.dumps(ledger, indent=2, sort_keys=True) + "\n")
-        state = "done" if proc.returncode == 0 else f"FAILED (exit status {proc.returncode}, see {log})"
+        if (proc.returncode == 0 and after is None) or proc.returncode < 0:
+            stop.set()  # stopped by a signal (Ctrl-C reaches every process of the sweep): start no other run
+        if after is not None and proc.returncode == 0:
+            state = "done"
+        elif stop.is_set() or proc.returncode == 0:
+            state = "stopped (the same command resumes it from its last checkpoint)"
+        else:
+            state = f"FAILED (exit status {proc.returncode}, see {log})"
         print(f"[{k}/{len(runs)}] {key}: {state}, {cpu:.0f} CPU-s, {wall:.0f} s", flush=True)
         return proc.returncode
 
-    with ThreadPoolExecutor(max(1, jobs)) as pool:
+    pool = ThreadPoolExecutor(max(1, jobs))
+    try:
         codes = list(pool.map(lambda job: train(job[0] + 1, *job[1]), enumerate(runs)))
+    except KeyboardInterrupt:
+        # Start no other run; those under way (Ctrl-C reached them too, or they started just after
+        # it) get SIGTERM, on which train.py saves a checkpoint and stops.
+        with lock:
+            stop.set()
+            for proc in live:  # os.kill, not send_signal: that would reap the child its thread waits for
+                try:
+                    os.kill(proc.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        pool.shutdown(wait=True, cancel_futures=True)
+        print("stopped; the same command resumes the sweep", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
+    pool.shutdown()
     failed = sum(1 for c in codes if c)
     if failed:
         print(f"{failed} of {len(runs)} runs failed; the report uses the runs that finished", flush=True)
