@@ -188,7 +188,7 @@ def test_the_ledger_adds_the_cpu_time_of_attempts_that_trained_and_not_of_runs_a
 CTRL_C = '''
 import os, signal, sys, threading
 from scalelong.cli import claim5_study
-# a stand-in for train.py: Lightning exits 1 on Ctrl-C; train.py saves a checkpoint and exits 0 on SIGTERM
+# a stand-in for train.py, which saves a checkpoint and exits 0 on SIGTERM (Lightning exits 1 on Ctrl-C)
 child = ("import signal, sys, time\\n"
          "signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))\\n"
          "try:\\n    time.sleep(30)\\nexcept KeyboardInterrupt:\\n    sys.exit(1)\\n")
@@ -206,5 +206,8 @@ def test_ctrl_c_stops_the_sweep_without_starting_another_run(tmp_path):
     assert proc.returncode == 130, proc.stderr[-2000:]
     started = [line for line in proc.stdout.splitlines() if line.endswith(".log)")]
     assert len(started) == 2  # the two under way, not the four after them
-    assert proc.stdout.count("stopped (the same command resumes it") == 2
+    assert proc.stdout.count("stopped (the same command resumes it") == 2  # by SIGTERM: exit status 0, not 1
+    assert "FAILED" not in proc.stdout
+    ledger = json.loads((tmp_path / "out" / claim5.CPU_LEDGER).read_text())  # a stopped attempt's CPU counts
+    assert sorted(ledger) == ["unet_quickstart/none/seed_1", "unet_quickstart/none/seed_2"]
     assert proc.stderr.strip().endswith("stopped; the same command resumes the sweep")

@@ -124,7 +124,9 @@ def train_command(out: Path, seed: int, cell: str, arm: str, overrides: Sequence
 
 def train_all(out: Path, runs: Sequence[tuple[int, str, str]], overrides: Sequence[str], jobs: int) -> None:
     """Every run of ``runs`` that is not finished, ``jobs`` at a time; each one's CPU time (user +
-    sys, summed over the attempts that trained) goes into the ledger beside the runs."""
+    sys, summed over its attempts, not counting those that found it finished) goes into the ledger
+    beside the runs. Ctrl-C (or SIGTERM) stops the sweep: no other run starts, and the runs under way
+    get SIGTERM, on which train.py saves a checkpoint; exit status 130."""
     from scalelong.analysis.claim5 import CPU_LEDGER, read_ledger, run_key
     from scalelong.utils.io import write_text
 
@@ -134,31 +136,39 @@ def train_all(out: Path, runs: Sequence[tuple[int, str, str]], overrides: Sequen
     logs.mkdir(parents=True, exist_ok=True)
 
     stop = threading.Event()  # set when the sweep is stopped: the runs not started yet are not started
-    live: set[subprocess.Popen] = set()
+    live: set[int] = set()  # the process ids of the runs under way
+
+    def stop_the_sweep(signum, frame) -> None:
+        # The runs are in sessions of their own, so that Ctrl-C reaches only this process: they get
+        # SIGTERM from here, on which train.py saves a checkpoint at the end of its step and stops.
+        with lock:
+            stop.set()
+            for pid in live:
+                try:
+                    os.kill(pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
 
     def train(k: int, seed: int, cell: str, arm: str) -> int:
-        if stop.is_set():
-            return 0
         key = run_key(cell, arm, seed)
         metrics = out / cell / arm / f"seed_{seed}" / "metrics.json"
         before = metrics.stat().st_mtime_ns if metrics.is_file() else None
         log = logs / f"{cell}_{arm}_seed_{seed}.log"
-        print(f"[{k}/{len(runs)}] {key} (log: {log})", flush=True)
         t0 = time.perf_counter()
-        with open(log, "a") as f:
-            with lock:
-                if stop.is_set():
-                    return 0
-                proc = subprocess.Popen(train_command(out, seed, cell, arm, overrides), stdout=f,
-                                        stderr=subprocess.STDOUT, env=_one_thread_env())
-                live.add(proc)
-            _, status, usage = os.wait4(proc.pid, 0)  # this child's own CPU time, not the other job's
-            with lock:
-                live.discard(proc)
-            proc.returncode = os.waitstatus_to_exitcode(status)
+        with open(log, "a") as f, lock:
+            if stop.is_set():
+                return 0
+            _say(f"[{k}/{len(runs)}] {key} (log: {log})")
+            proc = subprocess.Popen(train_command(out, seed, cell, arm, overrides), stdout=f, stderr=subprocess.STDOUT,
+                                    env=_one_thread_env(), start_new_session=True)
+            live.add(proc.pid)
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's own CPU time, not the other job's
+        with lock:
+            live.discard(proc.pid)
+        proc.returncode = os.waitstatus_to_exitcode(status)
         cpu, wall = usage.ru_utime + usage.ru_stime, time.perf_counter() - t0
         after = metrics.stat().st_mtime_ns if metrics.is_file() else None
-        if after != before or proc.returncode:  # it trained (a finished run only says so)
+        if not (before is not None and after == before and proc.returncode == 0):  # not a run finished before
             with lock:
                 ledger = read_ledger(out)
                 entry = ledger.setdefault(key, {"cpu_seconds": 0.0, "wall_seconds": 0.0, "attempts": 0})
@@ -166,37 +176,34 @@ def train_all(out: Path, runs: Sequence[tuple[int, str, str]], overrides: Sequen
                 entry["wall_seconds"] += wall
                 entry["attempts"] += 1
                 write_text(out / CPU_LEDGER, json.dumps(ledger, indent=2, sort_keys=True) + "\n")
-        if (proc.returncode == 0 and after is None) or proc.returncode < 0:
-            stop.set()  # stopped by a signal (Ctrl-C reaches every process of the sweep): start no other run
         if after is not None and proc.returncode == 0:
             state = "done"
-        elif stop.is_set() or proc.returncode == 0:
+        elif stop.is_set():
             state = "stopped (the same command resumes it from its last checkpoint)"
         else:
             state = f"FAILED (exit status {proc.returncode}, see {log})"
-        print(f"[{k}/{len(runs)}] {key}: {state}, {cpu:.0f} CPU-s, {wall:.0f} s", flush=True)
+        _say(f"[{k}/{len(runs)}] {key}: {state}, {cpu:.0f} CPU-s, {wall:.0f} s")
         return proc.returncode
 
-    pool = ThreadPoolExecutor(max(1, jobs))
+    handlers = {sig: signal.signal(sig, stop_the_sweep) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        codes = list(pool.map(lambda job: train(job[0] + 1, *job[1]), enumerate(runs)))
-    except KeyboardInterrupt:
-        # Start no other run; those under way (Ctrl-C reached them too, or they started just after
-        # it) get SIGTERM, on which train.py saves a checkpoint and stops.
-        with lock:
-            stop.set()
-            for proc in live:  # os.kill, not send_signal: that would reap the child its thread waits for
-                try:
-                    os.kill(proc.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-        pool.shutdown(wait=True, cancel_futures=True)
+        with ThreadPoolExecutor(max(1, jobs)) as pool:
+            codes = list(pool.map(lambda job: train(job[0] + 1, *job[1]), enumerate(runs)))
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    if stop.is_set():
         print("stopped; the same command resumes the sweep", file=sys.stderr, flush=True)
-        raise SystemExit(130) from None
-    pool.shutdown()
+        raise SystemExit(130)
     failed = sum(1 for c in codes if c)
     if failed:
         print(f"{failed} of {len(runs)} runs failed; the report uses the runs that finished", flush=True)
+
+
+def _say(line: str) -> None:
+    """One line in one write: the two training threads' lines do not run into each other."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def _one_thread_env() -> dict[str, str]:
