@@ -29,8 +29,8 @@ Trains every run of the plan that is not finished, seeds outermost (a stopped sw
 strategy with about as many seeds), ``--jobs`` processes side by side with one thread each:
 ``python train.py experiment=claim5_cpu claim5_cell=C study_arm=A seed=S`` into
 ``--out/C/A/seed_S`` (the folders ``python train.py -m experiment=claim5_cpu`` makes, so either
-can continue the other's runs). Running it again skips finished runs and resumes the others from
-their last checkpoint. Then writes claim5.md, claim5.json and claim5_legibility.png into ``--docs``.
+can continue the other's runs). Ctrl-C stops it (the runs under way save a checkpoint); running it
+again skips finished runs and resumes the others from their last checkpoint. Then writes claim5.md, claim5.json and claim5_legibility.png into ``--docs``.
 Arguments with ``=`` go to every training run (Hydra overrides)."""
 
 
