@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[3]
 
 USAGE = """Claim 5 of the paper on the CPU: do scaled long skips reach a legibility (and an FD) in fewer steps?
 
-    python scripts/claim5_study.py                    # the 70 runs (about 7 CPU-hours), then the report
+    python scripts/claim5_study.py                    # the 70 runs (about 7-8 CPU-hours), then the report
     python scripts/claim5_study.py --report-only      # the report of the runs finished so far
     python scripts/claim5_study.py --seeds 1,2 --cells uvit13 train.max_steps=500   # a smaller sweep
 
@@ -30,7 +30,8 @@ strategy with about as many seeds), ``--jobs`` processes side by side with one t
 ``python train.py experiment=claim5_cpu claim5_cell=C study_arm=A seed=S`` into
 ``--out/C/A/seed_S`` (the folders ``python train.py -m experiment=claim5_cpu`` makes, so either
 can continue the other's runs). Ctrl-C stops it (the runs under way save a checkpoint); running it
-again skips finished runs and resumes the others from their last checkpoint. Then writes claim5.md, claim5.json and claim5_legibility.png into ``--docs``.
+again skips finished runs and resumes the others from their last checkpoint. Then writes claim5.md,
+claim5.json and claim5_legibility.png into ``--docs``.
 Arguments with ``=`` go to every training run (Hydra overrides)."""
 
 
