@@ -270,3 +270,27 @@ def test_compiled_backbone_matches_eager(quick_compile):
     with torch.no_grad():
         torch.testing.assert_close(compiled.net(x, t), eager.net(x, t), rtol=1e-4, atol=1e-5)
     assert list(compiled.state_dict()) == list(eager.state_dict())
+
+
+def test_a_finished_run_stays_finished_when_a_key_is_added_to_the_configs(tmp_path):
+    """A sweep run again skips its finished jobs, also after an update added a setting (with its
+    default) that their stored config.yaml lacks; a setting whose value differs still reruns."""
+    import copy
+    import json
+
+    from omegaconf import OmegaConf
+
+    from scalelong.cli.train import _finished_run
+
+    cfg = smoke(tmp_path, "train.max_steps=5")
+    (tmp_path / "metrics.json").write_text(json.dumps({"step": 5, "train/loss": 0.1}))
+    older = copy.deepcopy(cfg)
+    del older["train"]["lr_decay"]  # the run was made before train.lr_decay existed
+    OmegaConf.save(OmegaConf.create(older), tmp_path / "config.yaml")
+    assert _finished_run(cfg)["metrics"]["step"] == 5
+    changed = copy.deepcopy(cfg)
+    changed["optim"]["lr"] = 2 * cfg["optim"]["lr"]
+    assert _finished_run(changed) is None
+    removed = copy.deepcopy(cfg)
+    del removed["ema"]["warmup"]  # a setting the run had and the configs no longer have
+    assert _finished_run(removed) is None

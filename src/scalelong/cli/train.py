@@ -250,6 +250,14 @@ def train(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
             "metrics": metrics, "trainer": trainer, "module": module}
 
 
+def _same_settings(stored: Any, current: Any) -> bool:
+    """Every setting the stored run had is the same now. A key only the current config has is one
+    added to the configs since (with its default): it does not make a finished run unfinished."""
+    if isinstance(stored, Mapping) and isinstance(current, Mapping):
+        return all(k in current and _same_settings(v, current[k]) for k, v in stored.items())
+    return stored == current
+
+
 def _finished_run(config: Mapping[str, Any]) -> dict[str, Any] | None:
     """The result of this run folder's earlier, finished run: its metrics.json reached max_steps
     and its configuration is this one (apart from where it runs)."""
@@ -262,7 +270,7 @@ def _finished_run(config: Mapping[str, Any]) -> dict[str, Any] | None:
         stored = OmegaConf.to_container(OmegaConf.load(config_file))
     except (ValueError, OSError):
         return None
-    same = {k: v for k, v in stored.items() if k != "run_dir"} == {k: v for k, v in config.items() if k != "run_dir"}
+    same = _same_settings({k: v for k, v in stored.items() if k != "run_dir"}, config)
     if not same or int(metrics.get("step", -1)) < int(config["train"]["max_steps"]):
         return None
     return {"run_dir": run_dir, "checkpoint": run_dir / "checkpoints" / "last.ckpt", "samples": None,
