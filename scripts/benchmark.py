@@ -37,6 +37,7 @@ from scalelong.diffusion import NoisePredictor, get_sde, sample
 from scalelong.training.ema import EMA
 from scalelong.utils.io import write_text
 from scalelong.models import from_preset, preset_config
+from scalelong.precision import tf32_on_cuda
 
 
 # --- timing helpers --------------------------------------------------------------------------
@@ -388,6 +389,26 @@ def markdown(rows: list[dict], machine: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def measure(args, device: torch.device) -> list[dict]:
+    """The rows of the parts that ``--only`` selects, in order."""
+    only = set((args.only or "train,reference,lightning,sampling,data"
+                + (",compile" if device.type == "cuda" else "")).split(","))
+    rows: list[dict] = []
+    train_rows = bench_training(args, device) if "train" in only else []
+    rows += train_rows
+    if "reference" in only:
+        rows += bench_reference_uvit(args, device)
+    if "lightning" in only:
+        rows += bench_lightning(args, device)
+    if "compile" in only:
+        rows += bench_compile(args, device)
+    if "sampling" in only:
+        rows += bench_sampling(args, device)
+    if "data" in only:
+        rows += bench_data(args, device, train_rows)
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -406,28 +427,11 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     device = torch.device(args.device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
     machine = (torch.cuda.get_device_name(device) if device.type == "cuda"
                else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
     print(f"# {machine}, torch {torch.__version__}, precision {args.precision}, batch {args.batch}", flush=True)
-
-    only = set((args.only or "train,reference,lightning,sampling,data"
-                + (",compile" if device.type == "cuda" else "")).split(","))
-    rows: list[dict] = []
-    train_rows = bench_training(args, device) if "train" in only else []
-    rows += train_rows
-    if "reference" in only:
-        rows += bench_reference_uvit(args, device)
-    if "lightning" in only:
-        rows += bench_lightning(args, device)
-    if "compile" in only:
-        rows += bench_compile(args, device)
-    if "sampling" in only:
-        rows += bench_sampling(args, device)
-    if "data" in only:
-        rows += bench_data(args, device, train_rows)
+    with tf32_on_cuda(device):  # fp32 matmuls and convolutions in TF32 on CUDA, as sampling runs them
+        rows = measure(args, device)
 
     out = args.out or Path("outputs/benchmarks") / time.strftime("%Y-%m-%d_%H-%M-%S.json")
     result = {"machine": machine, "torch": torch.__version__, "args": vars(args) | {"out": str(out)}, "rows": rows}

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from scalelong.precision import tf32_on_cuda
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmark import PlainStep, _sync, build, default_shape  # noqa: E402
 
@@ -190,10 +192,15 @@ def main(argv=None) -> int:
                    help="also time the gates alone, batched against one by one (UNet presets)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     print(f"# torch {torch.__version__}, {device}, {torch.get_num_threads()} threads, precision {args.precision}, "
           f"batch {args.batch}, {args.rounds} interleaved rounds", flush=True)
+    with tf32_on_cuda(device):  # fp32 matmuls and convolutions in TF32 on CUDA, as benchmark.py
+        measure(args, device)
+    return 0
+
+
+def measure(args, device: torch.device) -> None:
+    """Each model's strategies interleaved, their ratios printed (and what the flags add)."""
     strategies = args.strategies.split(",")
     for spec in args.models.split(","):
         backbone, preset = spec.split(":")
@@ -220,7 +227,6 @@ def main(argv=None) -> int:
             print_op_counts(preset, strategies, args.batch, device, args.precision)
         if args.gates_alone and backbone == "unet":
             time_gates_alone(preset, strategies, args.batch, device, args.precision, args.gates_alone)
-    return 0
 
 
 if __name__ == "__main__":

@@ -79,3 +79,27 @@ def test_gate_benchmark_interleaves_strategies_in_rotating_order(capsys):
     assert gate.main(["--models", "unet:unet_tiny", "--rounds", "2", "--warmup", "0", "--batch", "2"]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("unet:unet_tiny")]
     assert [line.split()[1] for line in lines] == ["none", "learnable", "learnable_nonshared"]
+
+
+@pytest.mark.parametrize("script, argv, part", [
+    ("benchmark", ["--only", "train"], "bench_training"),
+    ("benchmark_gate", ["--models", "unet:unet_tiny", "--rounds", "0"], "default_shape")])
+def test_the_benchmarks_measure_in_tf32_on_cuda_as_sampling_does(monkeypatch, tmp_path, script, argv, part):
+    """On CUDA (the check mocked) both benchmarks measure with TF32 set through precision.py's API
+    (the one sampling uses; torch 2.11 deprecates the allow_tf32 flags), and put it back after."""
+    from scalelong import precision
+
+    module = load_script(script)
+    seen = []
+
+    def measured_part(*args, **kwargs):
+        seen.append((torch.get_float32_matmul_precision(), torch.backends.cudnn.conv.fp32_precision))
+        return [] if part == "bench_training" else (1, 8, 8)  # no rows; a shape
+
+    monkeypatch.setattr(module, part, measured_part)
+    monkeypatch.setattr(precision, "runs_on_cuda", lambda device: True)
+    before = torch.get_float32_matmul_precision(), torch.backends.cudnn.conv.fp32_precision
+    out = ["--out", str(tmp_path / "bench.json")] if script == "benchmark" else []
+    assert module.main([*argv, "--device", "cpu", *out]) == 0
+    assert seen == [("high", "tf32")]
+    assert (torch.get_float32_matmul_precision(), torch.backends.cudnn.conv.fp32_precision) == before

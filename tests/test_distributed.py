@@ -7,6 +7,7 @@ process)."""
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -26,7 +27,10 @@ COMMON = ["experiment=smoke", "logger=csv", "train.batch_size=16", "train.max_st
 
 
 def train_cli(cwd: Path, *overrides: str, timeout: int = 240) -> subprocess.CompletedProcess:
-    env = {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "tests")}  # fid_helpers, for the FID callback
+    # The tests folder (fid_helpers, collective_helpers) in front of the caller's path, which rank
+    # 1 (a fresh interpreter) needs too, to import the same scalelong as rank 0.
+    path = os.pathsep.join(p for p in (str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")) if p)
+    env = {"OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     return run_warm([ROOT / "train.py", *overrides], cwd=cwd, timeout=timeout, env={**os.environ, **env})
 
 
@@ -56,8 +60,15 @@ def ddp_sweep(tmp_path_factory, ref_path):
     work = tmp_path_factory.mktemp("ddp")
     sweep = work / "sweep"
     proc = train_cli(work, "-m", *COMMON, *fid_overrides(ref_path), "trainer.devices=2", "trainer.strategy=ddp",
-                     "train.batch_size=7,16", f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=${hydra.job.num}")
+                     "train.batch_size=7,16", f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=${hydra.job.num}",
+                     *COUNT_COLLECTIVES)
     return work, sweep, proc
+
+
+# Every torch.distributed call listed per rank (collective_helpers), and the ranks' agreement on a
+# pre-emption stop spaced an hour apart: after the first step, none within these 5 steps.
+COUNT_COLLECTIVES = ["+callbacks.collectives._target_=collective_helpers.CountCollectives",
+                     "checkpoint.stop_check_seconds=3600"]
 
 
 @pytest.mark.slow
@@ -96,6 +107,33 @@ def test_two_process_ddp_matches_one_process(ddp_sweep, ref_path):
     resumed = train(compose([*COMMON, *fid, "train.max_steps=7",
                              f"ckpt_path={ddp_dir / 'checkpoints' / 'last.ckpt'}"], work / "resumed"))
     assert resumed["trainer"].global_step == 7
+
+
+@pytest.mark.slow
+def test_no_collective_per_step_for_the_stop_signal(ddp_sweep):
+    """Each rank's own collectives (those of Python code; DDP's gradient all-reduce is in C++)
+    over the 5 steps: Lightning's broadcast of its SIGTERM flag and PeriodicCheckpoint's agreement
+    on a stop were one each per step (5 + 5 per rank); now the agreement comes once, after the
+    first step, and Lightning's broadcast not at all. What remains per step is the guard's
+    all-reduce of the loss's finiteness, which nothing reads on the host."""
+    work, sweep, proc = ddp_sweep
+    for rank in (0, 1):
+        path = sweep / "1" / f"collectives_rank{rank}.json"
+        assert path.is_file(), proc.stderr[-3000:]
+        calls = json.loads(path.read_text())
+        by_origin = {}
+        for step, name, origin in calls:
+            by_origin.setdefault(origin, []).append(step)
+        assert not any(o.startswith("training_epoch_loop.py") for o in by_origin), by_origin
+        assert by_origin.pop("callbacks.py:_stop_agreed") == [1], rank
+        assert by_origin.pop("module.py:on_before_optimizer_step") == [0, 1, 2, 3, 4]
+        # self.log's sync_dist of the loss (a barrier and an all-reduce) on the logging steps:
+        # every step in experiment=smoke.
+        assert by_origin.pop("result.py:update") == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+        # The rest: the FID evaluations at steps 2 and 4 and their checkpoint, the checkpoint at
+        # step 5; nothing at steps 1 and 3.
+        rest = sorted(step for steps in by_origin.values() for step in steps)
+        assert 1 not in rest and 3 not in rest, by_origin
 
 
 @pytest.mark.slow

@@ -3,6 +3,10 @@ judges a sample. It must tell real digits from blurred ones and from noise, with
 
 from __future__ import annotations
 
+import json
+import math
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -69,3 +73,31 @@ def test_the_line_says_how_many_read_as_a_digit_and_how_the_classes_spread():
 def test_the_reader_refuses_images_it_cannot_read(reader):
     with pytest.raises(ValueError, match="uint8 \\(N, C, 16, 16\\)"):
         reader.read(torch.zeros(2, 1, 32, 32, dtype=torch.uint8))
+
+
+def test_the_study_history_gets_each_entry_with_its_legibility_in_one_write(tmp_path, monkeypatch):
+    """callbacks=digits_quality (DigitQuality, an FIDCallback) over 4 steps, evaluating at steps 2
+    and 4: fd_digits_history.json is written once per evaluation (it was written by FIDCallback,
+    then read back and rewritten with the legibility), each entry with FIDCallback's fields and
+    the legibility of the same 16 samples."""
+    import os
+
+    from conftest import compose
+
+    from scalelong.cli.train import train
+
+    writes = []  # every atomic write (utils.io) ends in os.replace onto its file
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst, **kw: (writes.append(Path(dst)), real_replace(src, dst, **kw)))
+    train(compose(["experiment=smoke", "logger=csv", "model.base_channels=8", "train.max_steps=4",
+                   "callbacks=digits_quality", "callbacks.digits_quality.every_n_steps=2",
+                   "callbacks.digits_quality.num_samples=16", "callbacks.digits_quality.steps=2",
+                   "callbacks.digits_quality.kid_max=16"], tmp_path))
+    path = tmp_path / "fd_digits_history.json"
+    assert [w for w in writes if w == path] == [path, path]
+    history = json.loads(path.read_text())
+    assert [e["step"] for e in history] == [2, 4]
+    for entry in history:
+        assert entry["num"] == 16 and math.isfinite(entry["fid"]) and entry["mode"] == "digit_classifier"
+        assert 0.1 <= entry["legibility"] <= 1 and sum(entry["class_counts"]) == 16
+        assert 0 <= entry["confident"] <= 16

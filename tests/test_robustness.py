@@ -86,6 +86,72 @@ def test_preemption_signal_saves_and_exits_cleanly(tmp_path, sig):
     assert resumed["trainer"].global_step == step + 2
 
 
+def test_checkpoints_land_at_their_steps_with_no_collective(tmp_path, monkeypatch):
+    """A one-process run (trainer=cpu) saves every checkpoint.every_n_steps, every
+    keep_every_n_steps and at the end, and asks no other process about a stop: neither Lightning's
+    reduce_boolean_decision (one call per step before) nor any torch.distributed call."""
+    import pytorch_lightning as pl
+    import torch.distributed as dist
+    from pytorch_lightning.strategies import Strategy
+
+    saves, collectives = [], []
+    real_save = pl.Trainer.save_checkpoint
+
+    def save_checkpoint(self, filepath, *args, **kwargs):
+        saves.append((self.global_step, Path(filepath).name))
+        return real_save(self, filepath, *args, **kwargs)
+
+    monkeypatch.setattr(pl.Trainer, "save_checkpoint", save_checkpoint)
+    monkeypatch.setattr(Strategy, "reduce_boolean_decision", lambda self, *a, **k: collectives.append("reduce"))
+    for name in ("all_reduce", "broadcast", "barrier", "all_gather"):
+        monkeypatch.setattr(dist, name, lambda *a, _name=name, **k: collectives.append(_name))
+    train(compose([*LONG, "trainer=cpu", "train.max_steps=7", "checkpoint.every_n_steps=3",
+                   "checkpoint.keep_every_n_steps=2"], tmp_path))
+    assert saves == [(2, "step_0000002.ckpt"), (3, "last.ckpt"), (4, "step_0000004.ckpt"), (6, "step_0000006.ckpt"),
+                     (6, "last.ckpt"), (7, "last.ckpt")]
+    assert collectives == []
+
+
+def test_several_processes_agree_on_a_stop_about_every_stop_check_seconds(monkeypatch):
+    """PeriodicCheckpoint with 2 ranks (the other one simulated inside the all-reduce) and steps
+    of 0.1 s: the ranks agree after the first step, then every 1.0 s / 0.1 s = 10 steps; a signal
+    that reaches only the other rank at step 13 stops both after step 21, with last.ckpt saved."""
+    import types
+
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+    from scalelong.training import callbacks
+
+    clock = {"now": 0.0}
+    monkeypatch.setattr(callbacks.time, "perf_counter", lambda: clock["now"])
+    other_requests = {"flag": False}
+    agreed_at = []
+
+    def all_reduce(votes, *args, **kwargs):  # this rank's votes plus the other's (same step time)
+        agreed_at.append(trainer.global_step)
+        votes += torch.tensor([int(other_requests["flag"]), int(votes[1])])
+
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    saves = []
+    trainer = types.SimpleNamespace(
+        world_size=2, global_step=0, strategy=types.SimpleNamespace(root_device=torch.device("cpu")),
+        fit_loop=types.SimpleNamespace(epoch_loop=types.SimpleNamespace()),
+        save_checkpoint=lambda path, **kw: saves.append((trainer.global_step, Path(path).name)))
+    checkpoint = callbacks.PeriodicCheckpoint("ckpts", every_n_steps=0, stop_check_seconds=1.0)
+    checkpoint.on_train_start(trainer, None)
+    try:
+        with pytest.raises(SIGTERMException):
+            for step in range(1, 40):
+                clock["now"] += 0.1
+                trainer.global_step = step
+                other_requests["flag"] = step >= 13
+                checkpoint.on_train_batch_end(trainer, None, None, None, step)
+    finally:
+        checkpoint.on_exception(trainer, None, None)
+    assert agreed_at == [1, 11, 21]
+    assert trainer.global_step == 21 and saves == [(21, "last.ckpt")]
+
+
 def test_nonfinite_steps_are_skipped_and_counted(tmp_path, monkeypatch):
     original = DiffusionModule.training_step
     poisoned = {2, 3}

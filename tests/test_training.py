@@ -63,6 +63,18 @@ def test_quickstart_defaults():
     assert uvit["_target_"] == "scalelong.models.UViT" and uvit["embed_dim"] == 128  # the uvit_tiny preset
 
 
+def test_the_grid_at_the_end_is_a_key_of_the_config():
+    """sample.at_end is in conf/train.yaml (true), so it is set without Hydra's `+`, as the
+    post-hoc EMA study's training overrides set it."""
+    from scalelong.cli.posthoc_ema_study import CPU_OVERRIDES
+    from scalelong.training.end_of_run import grid_at_end
+
+    cfg = compose(["quick_eval=null"])
+    assert cfg["sample"]["at_end"] is True and grid_at_end(cfg)
+    study = compose(list(CPU_OVERRIDES))
+    assert study["sample"]["at_end"] is False and not grid_at_end(study)
+
+
 def test_the_digits_are_scikit_learns_read_from_its_file():
     """The built-in data set, read from scikit-learn's own file without importing it, is exactly
     what ``sklearn.datasets.load_digits`` gives; the 16x16 images keep the labels' order."""

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[3]
 STRATEGIES = ("none", "sqrt2", "constant", "learnable", "learnable_nonshared")
 # The CPU study's training runs: the quickstart recipe (python train.py) without what the study does
 # not read (W&B, the stability callback, the KID/FID and the grid at the end), snapshots every 10 steps.
-CPU_OVERRIDES = ("logger=csv", "callbacks=none", "quick_eval=null", "+sample.at_end=false")
+CPU_OVERRIDES = ("logger=csv", "callbacks=none", "quick_eval=null", "sample.at_end=false")
 
 USAGE = """Does long-skip scaling change the best EMA length, or the quality at the best length?
 

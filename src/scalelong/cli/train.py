@@ -212,7 +212,8 @@ def train(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
 
     s, c = config["sample"], config["checkpoint"]
-    checkpoints = PeriodicCheckpoint(run_dir / "checkpoints", c["every_n_steps"], c.get("keep_every_n_steps"))
+    checkpoints = PeriodicCheckpoint(run_dir / "checkpoints", c["every_n_steps"], c.get("keep_every_n_steps"),
+                                     c.get("stop_check_seconds", 1.0))
     grids = SampleGrid(run_dir / "samples", s["every_n_steps"], s["num"], s["sampler"], s["steps"], s["seed"],
                        s.get("guidance_scale", 0.0), at_end=grid_at_end(config))
     progress = ProgressPrinter(config["trainer"].get("log_every_n_steps", 50),

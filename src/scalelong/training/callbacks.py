@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import SIGTERMException
@@ -136,16 +137,27 @@ class PeriodicCheckpoint(pl.Callback):
 
     Pre-emption: on SIGTERM or SIGUSR1 (unless a cluster handler such as Lightning's SLURM
     requeue owns SIGUSR1), ``last.ckpt`` is saved after the current step and the run stops with
-    ``SIGTERMException``, ready to be resumed. All ranks agree on the stop through one small
-    all-reduce per step.
+    ``SIGTERMException``, ready to be resumed.
+
+    The periodic saves depend on the step alone, the same on every rank. A signal does not: it
+    may reach one rank only, or the ranks at different steps, so the processes of a multi-process
+    run agree on the stop through a small all-reduce (its result read on the host, a wait for the
+    GPU), not at every step but about every ``stop_check_seconds`` of training: the first step
+    after the start, then at intervals in steps that all ranks derive from the same reduced step
+    time. Under DDP the stop (and its save) thus comes up to that long after the signal; one
+    process checks its own flag every step, with no collective. 0: agree at every step.
 
     Writes are atomic (see ``AtomicCheckpointIO``): a kill during a save keeps the previous file.
     """
 
-    def __init__(self, dirpath: str | Path, every_n_steps: int, keep_every_n_steps: int | None = None):
+    MAX_STEPS_BETWEEN_AGREEMENTS = 10_000
+
+    def __init__(self, dirpath: str | Path, every_n_steps: int, keep_every_n_steps: int | None = None,
+                 stop_check_seconds: float = 1.0):
         self.dirpath = Path(dirpath)
         self.every = int(every_n_steps)
         self.keep_every = int(keep_every_n_steps) if keep_every_n_steps else 0
+        self.stop_check_seconds = float(stop_check_seconds)
         self._saved_step = -1
 
     @property
@@ -161,6 +173,10 @@ class PeriodicCheckpoint(pl.Callback):
         # possibly before this callback has saved) with a flag read once per step, here.
         self._stop_requested = False
         self._previous_handlers = {}
+        self._next_agreement = trainer.global_step + 1
+        self._last_agreement = (time.perf_counter(), trainer.global_step)
+        if trainer.world_size > 1:
+            _skip_lightnings_sigterm_broadcast(trainer)
         if threading.current_thread() is not threading.main_thread():
             return
         for sig in (signal.SIGTERM, signal.SIGUSR1):
@@ -178,23 +194,55 @@ class PeriodicCheckpoint(pl.Callback):
             trainer.save_checkpoint(self.dirpath / f"step_{step:07d}.ckpt", weights_only=False)
         if self.every > 0 and step % self.every == 0:
             self._save_last(trainer)
-        if trainer.strategy.reduce_boolean_decision(getattr(self, "_stop_requested", False), all=False):
+        if self._stop_agreed(trainer, step):
             if self._saved_step != step:
                 self._save_last(trainer)
             raise SIGTERMException()
 
+    def _stop_agreed(self, trainer, step: int) -> bool:
+        """Whether the run stops after this step: this process's flag alone, or, with several
+        processes, any rank's flag at the steps where they agree (False in between)."""
+        requested = getattr(self, "_stop_requested", False)
+        if trainer.world_size == 1:
+            return requested
+        if step < getattr(self, "_next_agreement", step):
+            return False
+        now = time.perf_counter()
+        since, since_step = self._last_agreement
+        # Whole microseconds: every rank computes the next interval from the same integers.
+        votes = torch.tensor([int(requested), round((now - since) * 1e6)], dtype=torch.int64,
+                             device=trainer.strategy.root_device)
+        torch.distributed.all_reduce(votes)
+        stops, total_us = votes.tolist()
+        us_per_step = total_us / trainer.world_size / max(1, step - since_step)
+        interval = int(self.stop_check_seconds * 1e6 / max(us_per_step, 1.0))
+        self._next_agreement = step + min(max(1, interval), self.MAX_STEPS_BETWEEN_AGREEMENTS)
+        self._last_agreement = (now, step)
+        return stops > 0
+
     def on_train_end(self, trainer, pl_module) -> None:
         if self._saved_step != trainer.global_step:
             self._save_last(trainer)
-        self._restore_handlers()
+        self._restore_handlers(trainer)
 
     def on_exception(self, trainer, pl_module, exception) -> None:
-        self._restore_handlers()
+        self._restore_handlers(trainer)
 
-    def _restore_handlers(self) -> None:
+    def _restore_handlers(self, trainer) -> None:
         for sig, handler in getattr(self, "_previous_handlers", {}).items():
             signal.signal(sig, handler)
         self._previous_handlers = {}
+        vars(trainer.fit_loop.epoch_loop).pop("_broadcast_sigterm_tensor", None)
+
+
+def _skip_lightnings_sigterm_broadcast(trainer) -> None:
+    """Lightning (2.6) broadcasts its own SIGTERM flag from rank 0 and reads it before every
+    training step under DDP. With PeriodicCheckpoint's handler in place of Lightning's, that flag
+    never rises: the broadcast would cost a collective and a wait for the GPU per step for
+    nothing. (A Lightning without the method keeps whatever it does instead.)"""
+    loop = trainer.fit_loop.epoch_loop
+    if hasattr(loop, "_broadcast_sigterm_tensor"):
+        loop._broadcast_sigterm_tensor = lambda: None
 
 
 class ConfigInCheckpoints(pl.Callback):

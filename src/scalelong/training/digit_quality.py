@@ -5,15 +5,13 @@ samples' legibility (the classifier's confidence in each one's digit, ``scalelon
 from __future__ import annotations
 
 import functools
-import json
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 
-from scalelong.training.fid_callback import FIDCallback, read_history
+from scalelong.training.fid_callback import FIDCallback
 from scalelong.utils.distributed import all_gather_object
-from scalelong.utils.io import write_text
 
 
 class DigitQuality(FIDCallback):
@@ -25,27 +23,23 @@ class DigitQuality(FIDCallback):
         super().__init__(*args, **kwargs)
         self.legibility_key = legibility_key
         self.reader = None
+        self._readings: list = []  # this evaluation's, for more_entry_fields
+        self._summary: dict[str, Any] | None = None
 
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
-        from scalelong.metrics.digits import DigitReader, legibility, readings_in_order
+        from scalelong.metrics.digits import DigitReader
 
         if self.reader is None:
             self.reader = DigitReader()
-        readings: list = []  # (sample indices, confidences, classes) of this rank's share
+        self._readings = []  # (sample indices, confidences, classes) of this rank's share
         evaluator = self.evaluator
         self.evaluator = functools.partial(
-            evaluator, on_chunk=lambda indices, images: readings.append((indices, *self.reader.read(images))))
+            evaluator, on_chunk=lambda indices, images: self._readings.append((indices, *self.reader.read(images))))
         try:
-            entry = super().evaluate(trainer, pl_module)
+            entry = super().evaluate(trainer, pl_module)  # with more_entry_fields' legibility
         finally:
             self.evaluator = evaluator
-        summary = legibility(*readings_in_order(all_gather_object(readings), self.num))  # on every rank
-        entry.update(legibility=summary["mean_confidence"], confident=summary["confident"],
-                     class_counts=summary["class_counts"])
-        if trainer.is_global_zero:  # the entry FIDCallback wrote, with the legibility added
-            path = self.history_path(trainer)
-            history = [entry if e.get("step") == entry["step"] else e for e in read_history(path)]
-            write_text(path, json.dumps(history, indent=2) + "\n")
+        summary = self._summary
         metrics = {self.legibility_key: summary["mean_confidence"],
                    f"{self.legibility_key}_fraction": summary["confident"] / summary["num"]}
         for logger in trainer.loggers:
@@ -55,3 +49,11 @@ class DigitQuality(FIDCallback):
             print(f"step {entry['step']}: legibility {summary['mean_confidence']:.3f}, {summary['confident']} of "
                   f"{summary['num']} samples read with confidence > {summary['threshold']:g}", flush=True)
         return entry
+
+    def more_entry_fields(self, trainer: pl.Trainer) -> dict[str, Any]:
+        """The legibility of the scored samples, from every rank's readings (on every rank)."""
+        from scalelong.metrics.digits import legibility, readings_in_order
+
+        self._summary = legibility(*readings_in_order(all_gather_object(self._readings), self.num))
+        return {"legibility": self._summary["mean_confidence"], "confident": self._summary["confident"],
+                "class_counts": self._summary["class_counts"]}

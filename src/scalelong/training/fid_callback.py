@@ -152,6 +152,7 @@ class FIDCallback(pl.Callback):
                  "mode": result["mode"], "inception_sha1": result["inception_sha1"], "ref": result["ref"],
                  "ref_sha1": result["ref_sha1"], "seconds": result["seconds"], "world_size": result["world_size"],
                  "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        entry.update(self.more_entry_fields(trainer))
         is_best = False
         if trainer.is_global_zero:
             path = self.history_path(trainer)
@@ -176,6 +177,12 @@ class FIDCallback(pl.Callback):
             print(f"step {step}: {self.label} {result['fid']:.3f}{kid} on {self.num} samples ({self.sampler}, "
                   f"{self.steps} steps, {result['precision']}, {result['seconds']:.0f}s){best}", flush=True)
         return entry
+
+    def more_entry_fields(self, trainer: pl.Trainer) -> dict[str, Any]:
+        """Fields a subclass adds to this evaluation's history entry, called on every rank once the
+        samples are scored and before rank 0 writes the history (so collectives may run here):
+        none here."""
+        return {}
 
     def state_dict(self) -> dict[str, Any]:
         return {"last_step": self._last_step}
