@@ -44,6 +44,11 @@ RECIPES: dict[str, list[str]] = {
     "900 steps": ["train.max_steps=900"],
     "600 steps, EMA 0.99": ["train.max_steps=600", "ema.decay=0.99"],
     "600 steps, 32 channels": ["train.max_steps=600", "model.base_channels=32"],
+    "cosine": ["train.lr_decay=cosine"],
+    "450 steps, cosine": ["train.max_steps=450", "train.lr_decay=cosine"],
+    "600 steps, cosine": ["train.max_steps=600", "train.lr_decay=cosine"],
+    "450 steps, cosine, lr 6e-3": ["train.max_steps=450", "train.lr_decay=cosine", "optim.lr=6e-3"],
+    "450 steps, cosine, attention": ["train.max_steps=450", "train.lr_decay=cosine", "model.attn_resolutions=[8]"],
 }
 
 
