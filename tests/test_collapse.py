@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -239,3 +240,43 @@ def test_collapse_study_report_only_end_to_end(tmp_path, configs):
     proc = run_warm([script, "--report-only", "--out", str(tmp_path / "nowhere")], cwd=tmp_path, env=env)
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "--out" in proc.stderr
     assert not (tmp_path / "docs").exists()
+
+
+STAND_IN = """
+import json, os, pathlib, sys
+log, out, cell, seed, arms, code = json.loads(sys.argv[1])
+open(log, "a").write(f"{cell} {seed} {os.environ['OMP_NUM_THREADS']}\\n")
+for arm in arms:
+    run = pathlib.Path(out) / cell / arm / f"seed_{seed}"
+    run.mkdir(parents=True)
+    (run / "metrics.json").write_text("{}")
+sys.exit(code)
+"""
+
+
+def test_the_sweep_goes_seed_by_seed_one_thread_each_and_past_a_failed_process(tmp_path, monkeypatch, capsys):
+    """train_all's scheduling, with each training process replaced by one that writes its arms'
+    metrics.json (or fails, as a sweep stopped by a diverged run does with status 3)."""
+    out, seen = tmp_path / "sweep", tmp_path / "started.txt"
+    real = collapse_study.sweep_commands
+
+    def stand_ins(out_, cells, seeds):
+        jobs = []
+        for cell, seed, command in real(out_, cells, seeds):
+            assert command[-1] == f"hydra.sweep.dir={out_.resolve()}"
+            code = 3 if (cell, seed) == (CELLS[1], 4) else 0
+            arms = ARMS[:2] if code else ARMS  # the failed one stops after two arms
+            params = json.dumps([str(seen), str(out_), cell, seed, arms, code])
+            jobs.append((cell, seed, [sys.executable, "-c", STAND_IN, params]))
+        return jobs
+
+    monkeypatch.setattr(collapse_study, "sweep_commands", stand_ins)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    collapse_study.train_all(out, CELLS, ARMS, [4, 5], jobs=1)
+    assert seen.read_text().splitlines() == [f"{CELLS[0]} 4 1", f"{CELLS[1]} 4 1", f"{CELLS[0]} 5 1",
+                                             f"{CELLS[1]} 5 1"]
+    printed = capsys.readouterr().out
+    assert "0 of 24 runs finished already" in printed
+    assert f"{CELLS[1]}, seed 4: the sweep stopped with exit status 3" in printed
+    assert printed.rstrip().splitlines()[-1].startswith("20 of 24 runs finished")
+    assert (out / "logs" / f"{CELLS[1]}_seed_4.log").is_file()
