@@ -203,7 +203,8 @@ def test_a_partial_sweep_is_reported_as_partial_naming_what_is_missing(tmp_path,
     assert results["pooled"]["sqrt2"]["original"] is None  # no --original given
     text = (docs / "collapse.md").read_text()
     assert "**Partial sweep**: 22 of 24 planned runs finished" in text and "(partial sweep)" in text
-    assert "unet_lr5e-2/sqrt2/seed_5 (not started)" in text
+    assert ("Not counted: `unet_lr5e-2/sqrt2` seed 5 not started; `uvit25_lr6e-3/learnable` seed 5 not finished "
+            "(logged up to step 200).") in text
 
 
 # --- the command ---------------------------------------------------------------------------------
@@ -235,7 +236,9 @@ def test_collapse_study_report_only_end_to_end(tmp_path, configs):
     # the default seeds (4-13): the same runs, reported as a partial sweep
     proc = run_warm([script, "--report-only", "--out", str(out), "--docs", "report"], cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "**Partial sweep**: 48 of 120 planned runs finished" in (tmp_path / "report" / "collapse.md").read_text()
+    text = (tmp_path / "report" / "collapse.md").read_text()
+    assert "**Partial sweep**: 48 of 120 planned runs finished" in text
+    assert "Not counted: `unet_lr5e-2/none` seeds 8-13 not started; `unet_lr5e-2/sqrt2` seeds 8-13" in text
     # bad input: one line, exit status 2
     proc = run_warm([script, "--report-only", "--out", str(tmp_path / "nowhere")], cwd=tmp_path, env=env)
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "--out" in proc.stderr

@@ -150,8 +150,8 @@ def stratified_exact(tables: Sequence[Table]) -> ExactTest:
 
 
 def verdict(test: ExactTest, n_arm: int, n_none: int, alpha: float = ALPHA) -> str:
-    """"holds": more collapses than ``none`` with p < alpha; "does not hold": no more collapses than
-    ``none`` (as many or fewer); "not resolved": more, but p >= alpha, or no runs to compare."""
+    """The verdict: "holds" = more collapses than ``none`` with p < alpha; "does not hold" = no more than
+    ``none`` (as many or fewer); "not resolved" = more, but p >= alpha, or no runs to compare."""
     if n_arm == 0 or n_none == 0:
         return "not resolved"
     if test.direction > 0:
@@ -365,8 +365,7 @@ def write_collapse_report(out: Path, docs: Path, cells: Sequence[str], arms: Seq
              f"Command: `{command}`; report written {date}. Sweep: `{out}`, "
              f"{len(cells)} cells ({', '.join(f'`{c}`' for c in cells)}) x {len(arms)} arms x seeds "
              f"{_seed_list(seeds)} (the CPU study ran seeds 1-3), as `conf/experiment/collapse_cpu.yaml`.", "",
-             f"{scope}." + ("" if not partial else " Not counted: " + "; ".join(results["missing"] + [
-                 f"{p.cell}/{p.arm}/seed_{p.seed} (finished, no finite training loss)" for p in unreadable]) + "."), "",
+             f"{scope}." + ("" if not partial else " Not counted: " + _missing_text(missing, unreadable) + "."), "",
              f"A run **collapsed** when its training loss, averaged over the last 10% of its steps, is above "
              f"{COLLAPSED_LOSS} (the CPU study's definition; a network that predicts no noise at all scores 1). "
              f"Rates come with exact (Clopper-Pearson) {LEVEL:.0%} intervals. Each arm is tested against `none` "
@@ -421,6 +420,21 @@ def write_collapse_report(out: Path, docs: Path, cells: Sequence[str], arms: Seq
     path = docs / "collapse.md"
     write_text(path, "\n".join(lines))
     return path
+
+
+def _missing_text(missing: Sequence[PlannedRun], unreadable: Sequence[PlannedRun]) -> str:
+    """The runs not counted, by cell and arm: seeds not started as one list, the others one by one."""
+    parts = []
+    for cell, arm in dict.fromkeys((p.cell, p.arm) for p in [*missing, *unreadable]):
+        seeds = [p.seed for p in missing if (p.cell, p.arm) == (cell, arm) and p.state == "not started"]
+        items = [f"seed{'s' if len(seeds) > 1 else ''} {_seed_list(seeds)} not started"] if seeds else []
+        items += [f"seed {p.seed} not finished (" + (f"logged up to step {p.last_step})" if p.last_step
+                                                     else "nothing logged yet)")
+                  for p in missing if (p.cell, p.arm) == (cell, arm) and p.state == "not finished"]
+        items += [f"seed {p.seed} finished without a finite training loss" for p in unreadable
+                  if (p.cell, p.arm) == (cell, arm)]
+        parts.append(f"`{cell}/{arm}` {', '.join(items)}")
+    return "; ".join(parts)
 
 
 def _arm_name(arm: str, label: str | None) -> str:
