@@ -20,6 +20,7 @@ from warm_python import run_warm
 from scalelong.analysis import collapse
 from scalelong.analysis.collapse import Table, clopper_pearson, fisher_exact, stratified_exact, verdict
 from scalelong.cli import collapse_study
+from scalelong.utils.errors import ConfigError
 
 CELLS = ["unet_lr5e-2", "uvit25_lr6e-3"]
 ARMS = ["none", "sqrt2", "constant_k05", "constant_k08", "learnable", "learnable_nonshared"]
@@ -218,6 +219,8 @@ def test_the_sweep_is_the_experiments_one_seed_outermost(tmp_path):
     assert jobs[1][2][1:] == [str(ROOT / "train.py"), "-m", "experiment=collapse_cpu", "study_cell=uvit25_lr6e-3",
                               "seed=4", f"hydra.sweep.dir={tmp_path.resolve()}"]
     assert collapse_study.parse_seeds("4-6,9") == [4, 5, 6, 9]
+    with pytest.raises(ConfigError, match="--seeds 'four' is not a list of seeds; write e.g. 4-13"):
+        collapse_study.parse_seeds("four")
 
 
 def test_collapse_study_report_only_end_to_end(tmp_path, configs):

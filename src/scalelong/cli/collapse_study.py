@@ -28,7 +28,9 @@ one `train.py -m experiment=collapse_cpu study_cell=C seed=S` per cell and seed,
 that a stopped sweep stays balanced, --jobs of them side by side at one thread each, into
 --out/<cell>/<arm>/seed_<s>. Running it again skips finished runs and resumes the others from
 their last checkpoint. Then writes collapse.md, collapse.json and two PNGs into --docs; a partial
-sweep is reported as partial, naming the runs that are missing.
+sweep is reported as partial, naming the runs that are missing. Do not start the sweep while
+another one writes into the same --out (both would train the same run folders); --report-only
+reads what is there and is safe at any time.
 """
 
 
