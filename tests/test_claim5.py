@@ -75,7 +75,8 @@ def test_paired_differences_intervals_and_verdicts_are_those_computed_by_hand(tm
     make_sweep(tmp_path)
     runs, missing = claim5.collect(tmp_path, ["unet_quickstart", "uvit13"], ["none", "sqrt2"], [1, 2, 3])
     assert missing == {"uvit13/sqrt2/seed_3": "unfinished (evaluated up to step 100 of 200)"}
-    results = claim5.analyse(runs, missing, ["unet_quickstart", "uvit13"], ["none", "sqrt2"], [1, 2, 3])
+    results = claim5.analyse(runs, missing, ["unet_quickstart", "uvit13"], ["none", "sqrt2"], [1, 2, 3],
+                             legibility_threshold=0.78)
     assert (results["finished"], results["planned"]) == (11, 12)
     # FD threshold: the median of none's final FDs (100, 110, 120)
     assert results["fd_threshold"]["unet_quickstart"] == 110.0
@@ -126,7 +127,7 @@ def test_the_report_command_writes_the_tables_the_plot_and_names_what_is_missing
         {"unet_quickstart/none/seed_1": {"cpu_seconds": 300.0, "wall_seconds": 310.0, "attempts": 1},
          "unet_quickstart/sqrt2/seed_1": {"cpu_seconds": 360.0, "wall_seconds": 370.0, "attempts": 2}}))
     script = str(ROOT / "scripts" / "claim5_study.py")
-    common = ["--out", str(tmp_path / "out"), "--docs", str(tmp_path / "docs"), "--seeds", "1,2,3"]
+    common = ["--out", str(tmp_path / "out"), "--docs", str(tmp_path / "docs"), "--seeds", "1,2,3", "--threshold", "0.78"]
     report, no_none, bad_cell, no_runs = run_in_one_process(
         [[script, "--report-only", *common, "--arms", "none,sqrt2"],
          [script, "--report-only", *common, "--arms", "sqrt2"],
