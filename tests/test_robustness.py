@@ -201,6 +201,17 @@ def test_diverged_run_is_one_line_from_the_command_line(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+def test_a_diverged_job_of_a_sweep_leaves_the_next_jobs_to_run(tmp_path):
+    # A sweep (-m) whose first job diverges: its one line, then the second job trains to the end.
+    proc = run_warm([ROOT / "train.py", "-m", *LONG, "train.max_steps=6", "optim.lr=1e30,1e-3",
+                     "train.max_nonfinite_in_row=2", f"hydra.sweep.dir={tmp_path / 'sweep'}"], timeout=240,
+                    env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert "error: 2 steps in a row had a non-finite loss or gradient" in proc.stderr, proc.stderr[-2000:]
+    finished = sorted(p.parent.name for p in (tmp_path / "sweep").rglob("metrics.json"))
+    assert len(finished) == 1 and "optim.lr=0.001" in finished[0], (finished, proc.stderr[-2000:])
+    assert proc.returncode != 0  # the sweep says that one of its jobs failed
+
+
 def test_full_disk_during_a_checkpoint_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     run = train(compose([*LONG, "train.max_steps=2"], tmp_path))
     before = run["checkpoint"].read_bytes()

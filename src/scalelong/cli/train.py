@@ -135,6 +135,9 @@ def run_training(cfg: DictConfig) -> Any:
     try:
         result = train(config)
     except TrainingDiverged as err:
+        if _in_multirun():  # one diverged job of a sweep: its line, and the sweep goes on with the others
+            print(f"error: {err}", file=sys.stderr, flush=True)
+            raise JobFailed(str(err)) from None
         fail(str(err), code=EXIT_DIVERGED)
     except ConfigError as err:
         _config_error(err, run_dir)
