@@ -128,6 +128,15 @@ def _remove_if_untouched(run_dir: Path) -> None:
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
+def one_thread_env() -> dict[str, str]:
+    """The environment of a study's training processes, run side by side: one thread each
+    (unless OMP_NUM_THREADS says otherwise), no W&B, and this checkout's sources first."""
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), WANDB_MODE="disabled")
+    src = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH", "")) if p)
+    return env
+
+
 class JobFailed(RuntimeError):
     """One job of a sweep failed; Hydra records it and goes on with the other jobs."""
 

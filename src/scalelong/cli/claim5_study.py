@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from scalelong.cli import one_thread_env
+
 ROOT = Path(__file__).resolve().parents[3]
 
 USAGE = """Claim 5 of the paper on the CPU: do scaled long skips reach a legibility (and an FD) in fewer steps?
@@ -161,7 +163,7 @@ def train_all(out: Path, runs: Sequence[tuple[int, str, str]], overrides: Sequen
                 return 0
             _say(f"[{k}/{len(runs)}] {key} (log: {log})")
             proc = subprocess.Popen(train_command(out, seed, cell, arm, overrides), stdout=f, stderr=subprocess.STDOUT,
-                                    env=_one_thread_env(), start_new_session=True)
+                                    env=one_thread_env(), start_new_session=True)
             live.add(proc.pid)
         _, status, usage = os.wait4(proc.pid, 0)  # this child's own CPU time, not the other job's
         with lock:
@@ -205,12 +207,6 @@ def _say(line: str) -> None:
     """One line in one write: the two training threads' lines do not run into each other."""
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
-
-
-def _one_thread_env() -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), WANDB_MODE="disabled")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "src"), env.get("PYTHONPATH", "")) if p)
-    return env
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@ against ``none`` and a verdict per arm (usage: ``--help``)."""
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import threading
@@ -14,6 +13,8 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from scalelong.cli import one_thread_env
 
 ROOT = Path(__file__).resolve().parents[3]
 EXPERIMENT = "collapse_cpu"
@@ -73,12 +74,6 @@ def sweep_commands(out: Path, cells: Sequence[str], seeds: Sequence[int]) -> lis
             for seed in seeds for cell in cells]
 
 
-def _one_thread_env() -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), WANDB_MODE="disabled")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "src"), env.get("PYTHONPATH", "")) if p)
-    return env
-
-
 def _count_finished(out: Path, cells: Sequence[str], arms: Sequence[str], seeds: Sequence[int]) -> int:
     return sum((out / c / a / f"seed_{s}" / "metrics.json").is_file() for c in cells for a in arms for s in seeds)
 
@@ -108,7 +103,7 @@ def train_all(out: Path, cells: Sequence[str], arms: Sequence[str], seeds: Seque
         log.parent.mkdir(parents=True, exist_ok=True)
         print(f"start: {cell}, seed {seed} ({' '.join(command[2:-1])}; log {log})", flush=True)
         with open(log, "a") as f:
-            code = subprocess.call(command, stdout=f, stderr=subprocess.STDOUT, env=_one_thread_env(), cwd=ROOT)
+            code = subprocess.call(command, stdout=f, stderr=subprocess.STDOUT, env=one_thread_env(), cwd=ROOT)
         if code:
             print(f"{cell}, seed {seed}: the sweep stopped with exit status {code} (see {log}); its later arms "
                   "did not run. Run the command again to resume, or read the report for what is missing", flush=True)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import subprocess
 import sys
 import time
@@ -18,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from scalelong.cli import one_thread_env
 
 ROOT = Path(__file__).resolve().parents[3]
 STRATEGIES = ("none", "sqrt2", "constant", "learnable", "learnable_nonshared")
@@ -100,19 +101,13 @@ def train_all(out: Path, strategies: Sequence[str], seeds: Sequence[int], every:
         log.parent.mkdir(parents=True, exist_ok=True)
         print(f"training seed {seed}: {' '.join(command[2:])} (log: {log})", flush=True)
         with open(log, "a") as f:
-            return subprocess.call(command, stdout=f, stderr=subprocess.STDOUT, env=_one_thread_env())
+            return subprocess.call(command, stdout=f, stderr=subprocess.STDOUT, env=one_thread_env())
 
     with ThreadPoolExecutor(max(1, jobs)) as pool:
         codes = list(pool.map(sweep, seeds))
     if any(codes):
         print(f"some training sweeps failed (exit status {codes}); the report uses the runs that finished",
               flush=True)
-
-
-def _one_thread_env() -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), WANDB_MODE="disabled")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "src"), env.get("PYTHONPATH", "")) if p)
-    return env
 
 
 def _evaluated(run: Path, targets: Sequence[float], num: int, sampler: str, steps: int) -> bool:
@@ -136,7 +131,7 @@ def evaluate_all(runs: Sequence[tuple[str, int, Path]], targets: Sequence[float]
                    "--steps", str(steps)]
         print(f"evaluating {run[0]}/seed_{run[1]}", flush=True)
         with open(run[2] / "posthoc_ema.log", "w") as f:
-            code = subprocess.call(command, stdout=f, stderr=subprocess.STDOUT, env=_one_thread_env())
+            code = subprocess.call(command, stdout=f, stderr=subprocess.STDOUT, env=one_thread_env())
         if code:
             print(f"evaluation of {run[2]} failed (exit status {code}); see {run[2] / 'posthoc_ema.log'}", flush=True)
         return code
