@@ -31,24 +31,70 @@ from scalelong.utils.io import write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# The recipe of commit dd37cb3 (the quickstart before the speed-up), as overrides of today's: the
-# 1.1M-parameter UNet with attention and dropout, 1,500 steps at lr 1e-3, 100 warm-up steps and
-# EMA without warm-up. Its sampler then (Euler-Maruyama, 200 steps) is not taken: legibility does
-# not depend on the sampler (issue 28), and all recipes are scored on the same samples' recipe.
-PREVIOUS = ["model=unet_tiny", "train.max_steps=1500", "optim.lr=1e-3", "train.warmup_steps=100", "ema.warmup=false"]
+def on(base: list[str], *more: str) -> list[str]:
+    """``base`` with ``more`` on top: an override of a key already in ``base`` replaces it (Hydra
+    refuses two values for one key)."""
+    keys = {o.split("=", 1)[0] for o in more}
+    return [o for o in base if o.split("=", 1)[0] not in keys] + list(more)
+
+
+# The quickstart of 2026-12-04, before issue 28 (commit 25f6422), as overrides of today's: 300 steps
+# on the linear VP-SDE at a constant rate, no clipping. The screens below that named no schedule
+# ran on top of it.
+BEFORE = ["train.max_steps=300", "diffusion.schedule=linear", "train.lr_decay=null", "train.grad_clip=null",
+          "checkpoint.every_n_steps=150"]
+# The recipe of commit dd37cb3 (the quickstart before the speed-up): the 1.1M-parameter UNet with
+# attention and dropout, 1,500 steps at lr 1e-3, 100 warm-up steps and EMA without warm-up. Its
+# sampler then (Euler-Maruyama, 200 steps) is not taken: legibility does not depend on the sampler
+# (issue 28), and all recipes are scored on the same samples' recipe.
+PREVIOUS = on(BEFORE, "model=unet_tiny", "train.max_steps=1500", "optim.lr=1e-3", "train.warmup_steps=100",
+              "ema.warmup=false")
+# Today's recipe without the decay and the clipping (the screens' base).
+COSINE_400 = on(BEFORE, "diffusion.schedule=cosine", "train.max_steps=400", "train.lr_decay=cosine")
 
 RECIPES: dict[str, list[str]] = {
-    "current": [],
+    "current": [],  # conf/recipe/digits.yaml as it is
+    "before issue 28 (300 steps, linear)": BEFORE,
     "previous (dd37cb3)": PREVIOUS,
-    "600 steps": ["train.max_steps=600"],
-    "900 steps": ["train.max_steps=900"],
-    "600 steps, EMA 0.99": ["train.max_steps=600", "ema.decay=0.99"],
-    "600 steps, 32 channels": ["train.max_steps=600", "model.base_channels=32"],
-    "cosine": ["train.lr_decay=cosine"],
-    "450 steps, cosine": ["train.max_steps=450", "train.lr_decay=cosine"],
-    "600 steps, cosine": ["train.max_steps=600", "train.lr_decay=cosine"],
-    "450 steps, cosine, lr 6e-3": ["train.max_steps=450", "train.lr_decay=cosine", "optim.lr=6e-3"],
-    "450 steps, cosine, attention": ["train.max_steps=450", "train.lr_decay=cosine", "model.attn_resolutions=[8]"],
+    # The screens of 2026-12-04 and 2026-12-05 (one seed each unless the note says otherwise).
+    "600 steps": on(BEFORE, "train.max_steps=600"),
+    "900 steps": on(BEFORE, "train.max_steps=900"),
+    "600 steps, EMA 0.99": on(BEFORE, "train.max_steps=600", "ema.decay=0.99"),
+    "600 steps, 32 channels": on(BEFORE, "train.max_steps=600", "model.base_channels=32"),
+    "cosine": on(BEFORE, "train.lr_decay=cosine"),
+    "450 steps, cosine": on(BEFORE, "train.max_steps=450", "train.lr_decay=cosine"),
+    "600 steps, cosine": on(BEFORE, "train.max_steps=600", "train.lr_decay=cosine"),
+    "450 steps, cosine, lr 6e-3": on(BEFORE, "train.max_steps=450", "train.lr_decay=cosine", "optim.lr=6e-3"),
+    "450 steps, cosine, attention": on(BEFORE, "train.max_steps=450", "train.lr_decay=cosine",
+                                       "model.attn_resolutions=[8]"),
+    # Smaller batches, more steps: the same images seen, more updates.
+    "batch 32, 600 steps, cosine": on(BEFORE, "train.batch_size=32", "train.max_steps=600", "train.lr_decay=cosine"),
+    "batch 16, 1200 steps, cosine, lr 2e-3": on(BEFORE, "train.batch_size=16", "train.max_steps=1200",
+                                                "train.lr_decay=cosine", "optim.lr=2e-3", "train.warmup_steps=100"),
+    "batch 32, 600 steps": on(BEFORE, "train.batch_size=32", "train.max_steps=600"),
+    "bf16": on(BEFORE, "trainer.precision=bf16-mixed"),
+    # The cosine noise schedule (improved DDPM) keeps more of the time range at middling noise.
+    "cosine schedule": on(BEFORE, "diffusion.schedule=cosine"),
+    "cosine schedule, cosine lr": on(BEFORE, "diffusion.schedule=cosine", "train.lr_decay=cosine"),
+    "cosine schedule, 400 steps, cosine lr": COSINE_400,
+    "cosine schedule, 450 steps, cosine lr": on(COSINE_400, "train.max_steps=450"),
+    "cosine schedule, 600 steps, cosine lr": on(COSINE_400, "train.max_steps=600"),
+    "cosine schedule, 400 steps": on(BEFORE, "diffusion.schedule=cosine", "train.max_steps=400"),
+    "cosine 400, lr 5e-3": on(COSINE_400, "optim.lr=5e-3"),
+    "cosine 400, lr 2e-3": on(COSINE_400, "optim.lr=2e-3"),
+    "cosine 400, EMA 0.98": on(COSINE_400, "ema.decay=0.98"),
+    "cosine 400, 32 channels": on(COSINE_400, "model.base_channels=32"),
+    "cosine 400, 32 channels, lr 2e-3": on(COSINE_400, "model.base_channels=32", "optim.lr=2e-3"),
+    "cosine 400, attention": on(COSINE_400, "model.attn_resolutions=[8]"),
+    "cosine 400, bf16": on(COSINE_400, "trainer.precision=bf16-mixed"),
+    "cosine 400, clip 1": on(COSINE_400, "train.grad_clip=1.0"),  # = current, but for its checkpoint interval
+    "cosine 400, clip 0.5": on(COSINE_400, "train.grad_clip=0.5"),
+    "cosine 400, clip 1, lr 4e-3": on(COSINE_400, "train.grad_clip=1.0", "optim.lr=4e-3"),
+    "cosine 500, clip 1": on(COSINE_400, "train.max_steps=500", "train.grad_clip=1.0"),
+    # More capacity on today's recipe.
+    "current, 32 channels": ["model.base_channels=32"],
+    "current, 32 channels, lr 2e-3": ["model.base_channels=32", "optim.lr=2e-3"],
+    "current, attention": ["model.attn_resolutions=[8]"],
 }
 
 
@@ -56,14 +102,17 @@ def steps_of(overrides: list[str]) -> int:
     for o in overrides:
         if o.startswith("train.max_steps="):
             return int(o.split("=", 1)[1])
-    return 300  # conf/recipe/digits.yaml
+    import yaml
+
+    return int(yaml.safe_load((ROOT / "conf" / "recipe" / "digits.yaml").read_text())["train"]["max_steps"])
 
 
 def scaled(overrides: list[str], scale: float) -> list[str]:
+    if scale == 1:
+        return overrides
     steps = max(2, round(steps_of(overrides) * scale))
-    rest = [o for o in overrides if not o.startswith("train.max_steps=")]
-    return [*rest, f"train.max_steps={steps}", f"checkpoint.every_n_steps={steps}",
-            f"train.warmup_steps={min(50, steps // 2)}"] if scale != 1 else overrides
+    return on(overrides, f"train.max_steps={steps}", f"checkpoint.every_n_steps={steps}",
+              f"train.warmup_steps={min(50, steps // 2)}")
 
 
 def run_one(name: str, overrides: list[str], seed: int, folder: Path, extra: list[str]) -> dict:

@@ -54,9 +54,16 @@ def test_quickstart_defaults():
     cfg = compose([])
     assert cfg["dataset"]["name"] == "digits" and cfg["model"]["_target_"] == "scalelong.models.UNet"
     assert cfg["model"]["base_channels"] == 24 and cfg["trainer"]["accelerator"] == "cpu"
-    # The quickstart's recipe (README "The quickstart"): no attention, 300 steps, one grid made of
-    # the 100 scored samples.
-    assert cfg["model"]["attn_resolutions"] == [] and cfg["train"]["max_steps"] == 300
+    # The quickstart's recipe (README "The quickstart"): no attention, 400 steps on the cosine noise
+    # schedule at a decayed, clipped rate, one grid made of the 100 scored samples.
+    assert cfg["model"]["attn_resolutions"] == [] and cfg["train"]["max_steps"] == 400
+    assert cfg["diffusion"]["schedule"] == "cosine" and cfg["train"]["lr_decay"] == "cosine"
+    assert cfg["train"]["grad_clip"] == 1.0
+    # The studies keep the recipe they ran with: the paper's schedule, a constant rate, no clipping.
+    for experiment in ("study_cpu", "collapse_cpu", "stability_cpu"):
+        study = compose([f"experiment={experiment}"])
+        assert (study["diffusion"]["schedule"], study["train"]["lr_decay"], study["train"]["grad_clip"]) == (
+            "linear", None, None), experiment
     assert cfg["quick_eval"] == {"num": 100, "grid": True} and cfg["sample"]["every_n_steps"] == 0
     assert (cfg["sample"]["sampler"], cfg["sample"]["steps"]) == ("ancestral", 50)
     uvit = compose(["model=uvit"])["model"]
@@ -119,7 +126,7 @@ def test_the_trainer_updates_the_ema_once_per_step_and_warms_the_lr_up(tmp_path,
     monkeypatch.setattr("scalelong.training.module.DiffusionModule", Recording)
     for warmup in (False, True):
         seen.update(lr=[], weights=[], ema=[])
-        cfg = smoke(tmp_path / str(warmup), "train.max_steps=6", "train.warmup_steps=3", "ema.decay=0.5",
+        cfg = smoke(tmp_path / str(warmup), "train.max_steps=6", "train.warmup_steps=3", "train.lr_decay=null", "ema.decay=0.5",
                     "optim.lr=1e-3", f"ema.warmup={str(warmup).lower()}")
         train(cfg)
         assert seen["lr"] == pytest.approx([0.0, 1e-3 / 3, 2e-3 / 3, 1e-3, 1e-3, 1e-3])
@@ -247,12 +254,12 @@ def test_resume_continues_exactly(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), f"{k} differs after resume"
-    # The learning-rate schedule continued too (step 6 of a 4-step warm-up: full rate).
-    assert resumed["trainer"].optimizers[0].param_groups[0]["lr"] == pytest.approx(cfg_lr(tmp_path))
-
-
-def cfg_lr(tmp_path):
-    return smoke(tmp_path)["optim"]["lr"]
+    # The learning-rate schedule continued too: step 6 of a 4-step warm-up and the recipe's decay
+    # (the digits' cosine, down to 0 at the last step), as in the uninterrupted run.
+    cfg = smoke(tmp_path)
+    expected = cfg["optim"]["lr"] * lr_factor(6, 4, cfg["train"]["lr_decay"], 6)
+    assert resumed["trainer"].optimizers[0].param_groups[0]["lr"] == pytest.approx(expected, abs=1e-12)
+    assert full["trainer"].optimizers[0].param_groups[0]["lr"] == pytest.approx(expected, abs=1e-12)
 
 
 def test_checkpoint_restores_model_ema_and_optimizer(tmp_path):

@@ -11,7 +11,7 @@ ledger ``scripts/claim5_study.py`` keeps beside them; writes ``claim5.md``, ``cl
 ``claim5_legibility.png``.
 
 A run that never reaches a threshold is censored: it counts as its horizon (last evaluated step +
-the evaluation interval, 1,050 for 1,000 steps), a lower bound on its true steps. So a pair where
+the evaluation interval, 650 for 600 steps), a lower bound on its true steps. So a pair where
 only one run reached it has a difference of the right sign whose size is understated, and a pair
 where neither did counts 0; the report gives how many runs and pairs that affects.
 """
@@ -32,9 +32,10 @@ from scalelong.analysis.study import interval
 from scalelong.utils.errors import ConfigError, DataError
 from scalelong.utils.io import write_text
 
-# Reached within the sweep's 1,000 steps: the quickstart's UNet read 0.56 at 300 steps, 0.67-0.68 at 600
-# (2026-12-04, mean confidence over 100 samples) and about 0.76 at 1,000 (issue 28), so the previous
-# quickstart's 0.78 would leave most runs censored at the horizon.
+# Reached well within the sweep's 600 steps: with the cosine noise schedule at a constant rate, the
+# quickstart's UNet read 0.67 at 300 steps and 0.68 at 400 (2026-12-05, seed 1, mean confidence over
+# 100 samples), so a slower arm still has room to reach it; the quickstart's own 0.72-0.75 (with its
+# decayed rate) would leave most runs censored at the horizon.
 LEGIBILITY_THRESHOLD = 0.65
 HISTORY_FILE = "fd_digits_history.json"  # callbacks=digits_quality
 CPU_LEDGER = "cpu_seconds.json"  # per run, the CPU time of the processes that trained it (scripts/claim5_study.py)
