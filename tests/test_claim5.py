@@ -109,7 +109,31 @@ def test_paired_differences_intervals_and_verdicts_are_those_computed_by_hand(tm
     assert uvit["seeds"] == [1, 2]  # seed 3 of sqrt2 is unfinished: no pair
     assert uvit["steps_legibility"]["verdict"] == "neither reaches it"
     assert uvit["steps_legibility"]["pairs_both_censored"] == 2
-    assert uvit["mean_legibility"]["mean"] == pytest.approx(-0.025) and uvit["mean_legibility"]["verdict"] == "slower"
+    # Two seeds agreeing is no verdict (claim5.MIN_PAIRS), however narrow their interval.
+    assert uvit["mean_legibility"]["mean"] == pytest.approx(-0.025)
+    assert uvit["mean_legibility"]["verdict"] == "too few seeds"
+
+
+def _paired_steps(differences: list[float], every: int = 50) -> dict:
+    base = dict(cell="c", censored_legibility=False, censored_fd=False, every=every, mean_legibility=0.5,
+                steps_fd=300.0)
+    values = []
+    for seed, d in enumerate(differences, start=1):
+        values.append({**base, "arm": "none", "seed": seed, "steps_legibility": 400.0})
+        values.append({**base, "arm": "sqrt2", "seed": seed, "steps_legibility": 400.0 + d})
+    return claim5.paired(values, "c", "sqrt2")["steps_legibility"]
+
+
+def test_steps_are_resolved_no_finer_than_the_evaluation_interval():
+    """Every seed one evaluation (50 steps) earlier: the t interval has zero width, but the steps are
+    known only to 50, so it is not a verdict; two evaluations earlier at every seed is."""
+    one = _paired_steps([-50.0, -50.0, -50.0])
+    assert one["mean"] == -50.0 and one["ci95"] == 50.0 and one["verdict"] == "not resolved"
+    two = _paired_steps([-100.0, -100.0, -100.0])
+    assert two["ci95"] == 50.0 and two["verdict"] == "faster"
+    spread = _paired_steps([-200.0, -100.0, -150.0])  # a wider t interval stands: 4.30 * 50 / sqrt(3)
+    assert spread["ci95"] == pytest.approx(stats.t.ppf(0.975, 2) * 50 / math.sqrt(3))
+    assert _paired_steps([-100.0, -100.0])["verdict"] == "too few seeds"
 
 
 def test_verdicts_follow_the_interval_and_the_direction_of_the_measure():
