@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[3]
 
 USAGE = """Claim 5 of the paper on the CPU: do scaled long skips reach a legibility (and an FD) in fewer steps?
 
-    python scripts/claim5_study.py                    # the 70 runs (about 7-8 CPU-hours), then the report
+    python scripts/claim5_study.py                    # the 70 runs (the UNet cell about 2.1 CPU-hours), then the report
     python scripts/claim5_study.py --report-only      # the report of the runs finished so far
     python scripts/claim5_study.py --seeds 1,2 --cells uvit13 train.max_steps=500   # a smaller sweep
 
