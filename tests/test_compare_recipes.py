@@ -1,0 +1,29 @@
+"""scripts/compare_quickstart_recipes.py: its recipes are what their names say, whatever today's
+quickstart recipe is (each states the keys that today's recipe changed)."""
+
+from __future__ import annotations
+
+from conftest import compose, load_script
+
+
+def test_on_replaces_a_key_instead_of_repeating_it():
+    script = load_script("compare_quickstart_recipes")
+    assert script.on(["a=1", "b=2"], "b=3", "c=4") == ["a=1", "b=3", "c=4"]
+
+
+def test_the_compared_recipes_compose_to_what_they_were():
+    script = load_script("compare_quickstart_recipes")
+    for name, overrides in script.RECIPES.items():
+        keys = [o.split("=", 1)[0] for o in overrides]
+        assert len(keys) == len(set(keys)), name  # Hydra refuses a key given twice
+    before = compose(script.RECIPES["before issue 28 (300 steps, linear)"])
+    assert (before["train"]["max_steps"], before["diffusion"]["schedule"]) == (300, "linear")
+    assert before["train"]["lr_decay"] is None and before["train"]["grad_clip"] is None
+    previous = compose(script.RECIPES["previous (dd37cb3)"])
+    assert previous["model"]["base_channels"] == 32 and previous["model"]["attn_resolutions"] == [8]
+    assert (previous["train"]["max_steps"], previous["optim"]["lr"]) == (1500, 1e-3)
+    assert previous["diffusion"]["schedule"] == "linear" and previous["train"]["grad_clip"] is None
+    # The screen marked as today's recipe is today's recipe, but for its checkpoint interval.
+    current, screen = compose([]), compose(script.RECIPES["cosine 400, clip 1"])
+    current["checkpoint"], screen["checkpoint"] = {}, {}
+    assert {k: v for k, v in current.items() if k != "run_dir"} == {k: v for k, v in screen.items() if k != "run_dir"}
