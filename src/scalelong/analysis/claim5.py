@@ -32,10 +32,9 @@ from scalelong.analysis.study import interval
 from scalelong.utils.errors import ConfigError, DataError
 from scalelong.utils.io import write_text
 
-# Reached well within the sweep's 600 steps: with the cosine noise schedule at a constant rate, the
-# quickstart's UNet read 0.67 at 300 steps and 0.68 at 400 (2026-12-05, seed 1, mean confidence over
-# 100 samples), so a slower arm still has room to reach it; the quickstart's own 0.72-0.75 (with its
-# decayed rate) would leave most runs censored at the horizon.
+# Reached within the sweep's 600 steps: with the cosine noise schedule at a constant rate, the
+# quickstart's UNet with `none` passed it at 450 +- 44 steps (5 seeds, 2026-12-05) and every arm
+# before 600; the quickstart's own 0.72-0.75 (with its decayed rate) would leave most runs censored.
 LEGIBILITY_THRESHOLD = 0.65
 HISTORY_FILE = "fd_digits_history.json"  # callbacks=digits_quality
 CPU_LEDGER = "cpu_seconds.json"  # per run, the CPU time of the processes that trained it (scripts/claim5_study.py)
