@@ -95,6 +95,9 @@ RECIPES: dict[str, list[str]] = {
     "current, 32 channels": ["model.base_channels=32"],
     "current, 32 channels, lr 2e-3": ["model.base_channels=32", "optim.lr=2e-3"],
     "current, attention": ["model.attn_resolutions=[8]"],
+    # 32 GroupNorm groups on 32 channels normalise each channel alone (2026-12-05: saturated samples).
+    "current, 32 channels, 8 groups": ["model.base_channels=32", "model.norm_groups=8"],
+    "current, 32 channels, 16 groups": ["model.base_channels=32", "model.norm_groups=16"],
 }
 
 

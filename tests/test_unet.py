@@ -265,3 +265,21 @@ def test_bad_kappa(kappa):
 def test_bad_attention_resolution():
     with pytest.raises(ValueError, match="resolutions"):
         from_preset("unet_tiny", attn_resolutions=(7,))
+
+
+def test_norm_groups_caps_the_groups_of_every_group_norm():
+    """norm_groups bounds every GroupNorm (residual blocks, attention, middle, head); the default
+    keeps DDPM's 32, which at 32 channels normalises each channel alone."""
+    def groups(model):
+        return {(m.num_channels, m.num_groups) for m in model.modules() if isinstance(m, torch.nn.GroupNorm)}
+
+    assert groups(tiny()) == {(32, 32), (64, 32), (96, 32), (128, 32)}
+    model = tiny(norm_groups=8)
+    assert model.norm_groups == 8
+    assert groups(model) == {(32, 8), (64, 8), (96, 8), (128, 8)}
+    assert sum(isinstance(m, torch.nn.GroupNorm) for m in model.modules()) == \
+        sum(isinstance(m, torch.nn.GroupNorm) for m in tiny().modules())
+    x, t = inputs(model)
+    assert model(x, t).shape == x.shape
+    with pytest.raises(ValueError, match="norm_groups must be a positive int"):
+        from_preset("unet_tiny", norm_groups=0)

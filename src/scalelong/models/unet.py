@@ -43,7 +43,7 @@ def timestep_embedding(timesteps: Tensor, dim: int, max_period: float = 10000.0)
 
 
 def group_norm(channels: int, max_groups: int = 32, eps: float = 1e-6) -> nn.GroupNorm:
-    """GroupNorm with 32 groups, or the largest power of two dividing ``channels`` below that.
+    """GroupNorm with ``max_groups`` groups, or the largest common divisor with ``channels``.
 
     The fallback lets tiny models use widths such as 8 or 48; eps 1e-6 as in DDPM.
     """
@@ -71,14 +71,15 @@ class ResBlock(nn.Module):
         dropout: float = 0.0,
         zero_init: bool = True,
         use_checkpoint: bool = False,
+        norm_groups: int = 32,
     ) -> None:
         super().__init__()
         self.in_ch, self.out_ch = in_ch, out_ch
         self.use_checkpoint = use_checkpoint
-        self.norm1 = group_norm(in_ch)
+        self.norm1 = group_norm(in_ch, norm_groups)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.emb_proj = nn.Linear(emb_ch, out_ch)
-        self.norm2 = group_norm(out_ch)
+        self.norm2 = group_norm(out_ch, norm_groups)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         if zero_init:
@@ -105,13 +106,20 @@ class AttentionBlock(nn.Module):
     C / num_heads, softmax scale head_width^-1/2) -> 1x1 output projection -> + input.
     """
 
-    def __init__(self, channels: int, num_heads: int = 1, zero_init: bool = True, use_checkpoint: bool = False):
+    def __init__(
+        self,
+        channels: int,
+        num_heads: int = 1,
+        zero_init: bool = True,
+        use_checkpoint: bool = False,
+        norm_groups: int = 32,
+    ):
         super().__init__()
         if num_heads < 1 or channels % num_heads:
             raise ConfigError(f"attention on {channels} channels cannot use num_heads={num_heads}")
         self.channels, self.num_heads = channels, num_heads
         self.use_checkpoint = use_checkpoint
-        self.norm = group_norm(channels)
+        self.norm = group_norm(channels, norm_groups)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj = nn.Conv2d(channels, channels, 1)
         if zero_init:
@@ -195,11 +203,20 @@ class DecoderLevel(nn.Module):
 class MiddleBlock(nn.Module):
     """Res block, self-attention, res block at the deepest resolution; shape preserved."""
 
-    def __init__(self, channels: int, emb_ch: int, num_heads: int, dropout: float, zero_init: bool, ckpt: bool):
+    def __init__(
+        self,
+        channels: int,
+        emb_ch: int,
+        num_heads: int,
+        dropout: float,
+        zero_init: bool,
+        ckpt: bool,
+        norm_groups: int = 32,
+    ):
         super().__init__()
-        self.res1 = ResBlock(channels, channels, emb_ch, dropout, zero_init, ckpt)
-        self.attn = AttentionBlock(channels, num_heads, zero_init, ckpt)
-        self.res2 = ResBlock(channels, channels, emb_ch, dropout, zero_init, ckpt)
+        self.res1 = ResBlock(channels, channels, emb_ch, dropout, zero_init, ckpt, norm_groups)
+        self.attn = AttentionBlock(channels, num_heads, zero_init, ckpt, norm_groups)
+        self.res2 = ResBlock(channels, channels, emb_ch, dropout, zero_init, ckpt, norm_groups)
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         return self.res2(self.attn(self.res1(x, emb)), emb)
@@ -236,6 +253,9 @@ class UNet(nn.Module):
             ``{"name": ..., "kappa": ...}`` or a ``SkipScaling``; bad ones raise ``ValueError``.
         use_checkpoint: gradient checkpointing of every res/attention block (saves memory).
         zero_init: zero-initialise residual output convs, attention projections and the head.
+        norm_groups: GroupNorm groups, at most (32 as in DDPM); a width that 32 does not divide
+            uses the largest common divisor. Narrow models want fewer: at 32 channels, 32 groups
+            normalise each channel on its own.
 
     Attributes:
         skip_shapes: (C, H, W) of every LSC, outermost first (index i-1 is LSC i).
@@ -258,6 +278,7 @@ class UNet(nn.Module):
         out_chans: int | None = None,
         use_checkpoint: bool = False,
         zero_init: bool = True,
+        norm_groups: int = 32,
     ) -> None:
         super().__init__()
         channel_mult = _int_tuple(channel_mult, "channel_mult")
@@ -269,6 +290,9 @@ class UNet(nn.Module):
             raise ConfigError(f"channel_mult must be a non-empty sequence of positive ints, got {channel_mult}")
         if base_channels < 1 or in_chans < 1 or out_chans < 1 or num_res_blocks < 1:
             raise ConfigError("base_channels, in_chans, out_chans and num_res_blocks must be positive")
+        norm_groups = int(norm_groups)
+        if norm_groups < 1:
+            raise ConfigError(f"norm_groups must be a positive int (32 in DDPM), got {norm_groups}")
         if not 0.0 <= float(dropout) < 1.0:
             raise ConfigError(f"dropout must lie in [0, 1), got {dropout}")
         levels = len(channel_mult)
@@ -286,6 +310,7 @@ class UNet(nn.Module):
         self.base_channels, self.channel_mult = base_channels, channel_mult
         self.num_res_blocks, self.attn_resolutions = num_res_blocks, attn_resolutions
         self.num_heads, self.num_classes = num_heads, num_classes
+        self.norm_groups = norm_groups
         emb_ch = 4 * base_channels
         drop, zi, ck = float(dropout), bool(zero_init), bool(use_checkpoint)
 
@@ -295,8 +320,8 @@ class UNet(nn.Module):
         self.label_embed = nn.Embedding(num_classes, emb_ch) if num_classes > 0 else None
 
         def step(cin: int, cout: int, res: int) -> ResAttnBlock:
-            attn = AttentionBlock(cout, num_heads, zi, ck) if res in attn_resolutions else None
-            return ResAttnBlock(ResBlock(cin, cout, emb_ch, drop, zi, ck), attn)
+            attn = AttentionBlock(cout, num_heads, zi, ck, norm_groups) if res in attn_resolutions else None
+            return ResAttnBlock(ResBlock(cin, cout, emb_ch, drop, zi, ck, norm_groups), attn)
 
         # Encoder; `skip_shapes` mirrors the runtime skip stack (push order = outermost first).
         self.stem = nn.Conv2d(in_chans, base_channels, 3, padding=1)
@@ -317,7 +342,7 @@ class UNet(nn.Module):
             down.append(EncoderLevel(blocks, downsample))
         self.down = nn.ModuleList(down)
 
-        self.mid = MiddleBlock(ch, emb_ch, num_heads, drop, zi, ck)
+        self.mid = MiddleBlock(ch, emb_ch, num_heads, drop, zi, ck, norm_groups)
 
         # Decoder, built deepest level first (execution order) but stored by level, so that
         # up[l] works at the same resolution as down[l].
@@ -339,7 +364,7 @@ class UNet(nn.Module):
         self.up = nn.ModuleList(up)
 
         out_conv = nn.Conv2d(ch, out_chans, 3, padding=1)
-        self.out = nn.Sequential(group_norm(ch), nn.SiLU(), _zero_(out_conv) if zi else out_conv)
+        self.out = nn.Sequential(group_norm(ch, norm_groups), nn.SiLU(), _zero_(out_conv) if zi else out_conv)
 
         self.skip_shapes = skip_shapes
         self.num_skips = len(skip_shapes)
