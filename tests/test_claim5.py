@@ -114,6 +114,25 @@ def test_paired_differences_intervals_and_verdicts_are_those_computed_by_hand(tm
     assert uvit["mean_legibility"]["verdict"] == "too few seeds"
 
 
+def test_the_default_legibility_threshold_is_one_that_none_reaches_on_every_backbone(tmp_path):
+    """0.65, or per backbone the median final legibility of its none runs where that is lower: the
+    U-ViT's none runs end at 0.6, where 0.65 would leave every run censored."""
+    make_sweep(tmp_path)
+    runs, missing = claim5.collect(tmp_path, ["unet_quickstart", "uvit13"], ["none", "sqrt2"], [1, 2, 3])
+    results = claim5.analyse(runs, missing, ["unet_quickstart", "uvit13"], ["none", "sqrt2"], [1, 2, 3])
+    assert results["legibility_threshold"] == {"unet_quickstart": 0.65, "uvit13": pytest.approx(0.6)}
+    assert results["legibility_threshold_rule"].startswith("0.65, or the median final legibility")
+    uvit = results["cells"]["uvit13"]
+    assert uvit["none"]["steps_legibility"]["mean"] == 200.0 and uvit["none"]["censored_legibility"] == 0
+    assert uvit["sqrt2"]["censored_legibility"] == 2  # its finished seeds end at 0.5
+    # the UNet at 0.65: none at 150, 150, 150 (0.78, 0.7, 0.7 at step 150)
+    assert results["cells"]["unet_quickstart"]["none"]["steps_legibility"]["mean"] == 150.0
+    fixed = claim5.analyse(runs, missing, ["unet_quickstart", "uvit13"], ["none", "sqrt2"], [1, 2, 3],
+                           legibility_threshold=0.78)
+    assert fixed["legibility_threshold"] == {"unet_quickstart": 0.78, "uvit13": 0.78}
+    assert fixed["legibility_threshold_rule"] == "fixed"
+
+
 def _paired_steps(differences: list[float], every: int = 50) -> dict:
     base = dict(cell="c", censored_legibility=False, censored_fd=False, every=every, mean_legibility=0.5,
                 steps_fd=300.0)
