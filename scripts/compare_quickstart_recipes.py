@@ -98,6 +98,10 @@ RECIPES: dict[str, list[str]] = {
     # 32 GroupNorm groups on 32 channels normalise each channel alone (2026-12-05: saturated samples).
     "current, 32 channels, 8 groups": ["model.base_channels=32", "model.norm_groups=8"],
     "current, 32 channels, 16 groups": ["model.base_channels=32", "model.norm_groups=16"],
+    # With warm-up, a 400-step run never reaches ema.decay (the warm-up's (1 + n) / (10 + n) stays
+    # below 0.978): the EMA's length is the warm-up's. These set it instead.
+    "current, EMA 0.99 without warm-up": ["ema.decay=0.99", "ema.warmup=false"],
+    "current, EMA 0.95 without warm-up": ["ema.decay=0.95", "ema.warmup=false"],
 }
 
 
