@@ -156,13 +156,22 @@ def collect(out: Path, cells: Sequence[str], arms: Sequence[str], seeds: Sequenc
 # --- the numbers ----------------------------------------------------------------------------------
 
 
+def _none_final_medians(runs: Sequence[Claim5Run], cells: Sequence[str], measure: str) -> dict[str, float]:
+    """Per backbone, the median over its ``none`` runs of their final ``legibility`` or ``fd``
+    (NaN for a backbone without finished ``none`` runs)."""
+    medians = {}
+    for cell in cells:
+        finals = [getattr(r, measure)[-1] for r in runs if r.cell == cell and r.arm == BASELINE]
+        medians[cell] = float(np.median(finals)) if finals else math.nan
+    return medians
+
+
 def fd_thresholds(runs: Sequence[Claim5Run], cells: Sequence[str], fixed: float | None) -> dict[str, float]:
     """Per backbone: ``fixed``, else the median over its ``none`` runs of their final FD, the
     quality the paper's claim is about ("reaches Org's quality in fewer steps")."""
     if fixed is not None:
         return {cell: float(fixed) for cell in cells}
-    return {cell: float(np.median(finals)) if (finals := [r.fd[-1] for r in runs if r.cell == cell
-                                                          and r.arm == BASELINE]) else math.nan for cell in cells}
+    return _none_final_medians(runs, cells, "fd")
 
 
 def legibility_thresholds(runs: Sequence[Claim5Run], cells: Sequence[str], fixed: float | None) -> dict[str, float]:
@@ -170,9 +179,8 @@ def legibility_thresholds(runs: Sequence[Claim5Run], cells: Sequence[str], fixed
     ``none`` runs of their final legibility, so that `none` reaches it within the sweep."""
     if fixed is not None:
         return {cell: float(fixed) for cell in cells}
-    return {cell: min(LEGIBILITY_THRESHOLD, float(np.median(finals)))
-            if (finals := [r.legibility[-1] for r in runs if r.cell == cell and r.arm == BASELINE])
-            else LEGIBILITY_THRESHOLD for cell in cells}
+    return {cell: LEGIBILITY_THRESHOLD if math.isnan(m) else min(LEGIBILITY_THRESHOLD, m)
+            for cell, m in _none_final_medians(runs, cells, "legibility").items()}
 
 
 def run_values(run: Claim5Run, legibility_threshold: float, fd_threshold: float) -> dict[str, Any]:
