@@ -18,6 +18,8 @@ BAD_SCALING = [
     (["scaling=constant", "scaling.kappa=1.5"], "kappa must lie in (0, 1], got 1.5"),
     (["train.lr_decay=exponential"], "train.lr_decay='exponential' is not a schedule; give null (constant after "
                                      "the warm-up, the paper's), cosine or linear"),
+    (["train.min_snr_gamma=0"], "train.min_snr_gamma=0: give a positive number (5 in the min-SNR paper) to weight "
+                                "the loss by min(SNR, gamma) / SNR, or null for the plain loss"),
 ]
 
 

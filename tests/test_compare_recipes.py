@@ -4,6 +4,7 @@ quickstart recipe is (each states the keys that today's recipe changed)."""
 from __future__ import annotations
 
 from conftest import compose, load_script
+from hydra.core.override_parser.overrides_parser import OverridesParser
 
 
 def test_on_replaces_a_key_instead_of_repeating_it():
@@ -13,9 +14,19 @@ def test_on_replaces_a_key_instead_of_repeating_it():
 
 def test_the_compared_recipes_compose_to_what_they_were():
     script = load_script("compare_quickstart_recipes")
+    parser = OverridesParser.create()
     for name, overrides in script.RECIPES.items():
         keys = [o.split("=", 1)[0] for o in overrides]
         assert len(keys) == len(set(keys)), name  # Hydra refuses a key given twice
+        cfg = compose(overrides)  # every key exists (a typo would compare today's recipe with itself)
+        for override in overrides:
+            key = override.split("=", 1)[0]
+            if "." not in key:
+                continue  # a config group (model=unet_tiny), not a value
+            node = cfg
+            for part in key.split("."):
+                node = node[part]
+            assert node == parser.parse_override(override).value(), (name, override, node)
     before = compose(script.RECIPES["before issue 28 (300 steps, linear)"])
     assert (before["train"]["max_steps"], before["diffusion"]["schedule"]) == (300, "linear")
     assert before["train"]["lr_decay"] is None and before["train"]["grad_clip"] is None
@@ -27,3 +38,4 @@ def test_the_compared_recipes_compose_to_what_they_were():
     current, screen = compose([]), compose(script.RECIPES["cosine 400, clip 1"])
     current["checkpoint"], screen["checkpoint"] = {}, {}
     assert {k: v for k, v in current.items() if k != "run_dir"} == {k: v for k, v in screen.items() if k != "run_dir"}
+

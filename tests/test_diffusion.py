@@ -417,6 +417,27 @@ def test_exact_predictor_reaches_irreducible_loss(name: str) -> None:
     assert float(worse) > float(loss) + 0.5 * 0.05**2  # a constant bias b adds b^2 in expectation
 
 
+@pytest.mark.parametrize("name", SCHEDULES)
+def test_min_snr_weighting_is_min_snr_gamma_over_snr(name: str) -> None:
+    """train.min_snr_gamma: each sample's squared error times min(SNR, gamma) / SNR, SNR = alpha^2 /
+    sigma^2; the per-sample losses returned stay the unweighted ones."""
+    sde, gamma = get_sde(name), 5.0
+    x0 = torch.randn(512, DIM, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    net = ExactNet(sde, bias=0.1)
+    plain, per_sample, t = noise_prediction_loss(net, x0, sde, generator=torch.Generator().manual_seed(1),
+                                                 return_per_sample=True)
+    weighted, same, t_again = noise_prediction_loss(net, x0, sde, generator=torch.Generator().manual_seed(1),
+                                                    return_per_sample=True, min_snr_gamma=gamma)
+    torch.testing.assert_close(same, per_sample)
+    torch.testing.assert_close(t_again, t)
+    snr = sde.mean_coef(t) ** 2 / sde.std(t) ** 2
+    weight = torch.clamp(snr, max=gamma) / snr
+    torch.testing.assert_close(weighted, (per_sample * weight).mean())
+    # Both regimes are drawn: noisy times keep weight 1, almost clean ones lose most of theirs.
+    assert (weight == 1).float().mean() > 0.5 and float(weight.min()) < 0.05
+    assert float(weighted) < float(plain)
+
+
 def test_loss_passes_condition_and_scaled_time() -> None:
     net = ToyCondNet()
     x0, y = torch.randn(64, 3), torch.zeros(64, dtype=torch.long)

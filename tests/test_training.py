@@ -161,6 +161,35 @@ def test_the_trainer_decays_the_lr_to_zero_at_the_last_step(tmp_path, monkeypatc
     assert lr_factor(7, 3, decay, 7) == 0.0 and lr_factor(5, 3, None, 7) == 1.0
 
 
+@pytest.mark.parametrize("gamma", [None, 5.0])
+def test_the_trainer_weights_the_loss_by_min_snr_when_asked(tmp_path, monkeypatch, gamma):
+    """``train.min_snr_gamma``: through the real trainer, the loss each step minimises is the mean of
+    min(SNR, gamma) / SNR times each sample's squared error (null: the plain mean)."""
+    import scalelong.training.module as module_file
+
+    seen = []
+    plain_loss = module_file.noise_prediction_loss
+
+    def recording(net, x0, sde, cond, **kwargs):
+        loss, per_sample, t = plain_loss(net, x0, sde, cond, return_per_sample=True, **kwargs)
+        seen.append((kwargs.get("min_snr_gamma"), sde, loss.detach(), per_sample.detach(), t))
+        return loss
+
+    monkeypatch.setattr(module_file, "noise_prediction_loss", recording)
+    override = "null" if gamma is None else gamma
+    train(smoke(tmp_path, "train.max_steps=3", f"train.min_snr_gamma={override}"))
+    assert len(seen) == 3
+    weights = []
+    for given, sde, loss, per_sample, t in seen:
+        assert given == gamma
+        snr = sde.mean_coef(t) ** 2 / sde.std(t) ** 2
+        weight = torch.ones_like(snr) if gamma is None else torch.clamp(snr, max=gamma) / snr
+        torch.testing.assert_close(loss, (per_sample * weight).mean())
+        weights.append(weight)
+    if gamma is not None:  # the steps drew times on both sides of SNR = gamma
+        assert float(torch.cat(weights).min()) < 0.5 and float(torch.cat(weights).max()) == 1.0
+
+
 def test_ema_arithmetic():
     net = torch.nn.Linear(3, 2)
     ema = EMA(net, decay=0.9)

@@ -316,7 +316,7 @@ def build_module(config: Mapping[str, Any]):
         warmup_steps=t.get("warmup_steps", 0), grad_clip=t.get("grad_clip"),
         max_nonfinite_in_row=t.get("max_nonfinite_in_row", 20), seed=config["seed"],
         channels_last=model_cfg.get("channels_last", False), compile=training_compile(config) or False,
-        lr_decay=t.get("lr_decay"), max_steps=t["max_steps"])
+        lr_decay=t.get("lr_decay"), max_steps=t["max_steps"], min_snr_gamma=t.get("min_snr_gamma"))
 
 
 def build_loggers(config: Mapping[str, Any], run_dir: Path) -> list:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any, Callable
 
@@ -22,6 +23,7 @@ def noise_prediction_loss(
     t: Tensor | None = None,
     noise: Tensor | None = None,
     return_per_sample: bool = False,
+    min_snr_gamma: float | None = None,
 ) -> Tensor | tuple[Tensor, Tensor, Tensor]:
     """The simple epsilon-prediction loss (official U-ViT ``LSimple`` with ``pred='noise_pred'``).
 
@@ -41,6 +43,10 @@ def noise_prediction_loss(
         t: the times (B,) to use instead of drawing them.
         noise: the noise (like x0) to use instead of drawing it.
         return_per_sample: also return the per-sample losses (B,) and the times t (B,).
+        min_snr_gamma: None for the plain mean (the paper's); a number gamma weights each sample's
+            loss by min(SNR, gamma) / SNR (min-SNR-gamma, Hang et al. 2023): the almost clean
+            times, which the plain loss favours, count less. The per-sample losses returned are the
+            unweighted ones.
 
     Returns:
         The scalar loss (0-d tensor, float32 or wider), or ``(loss, per_sample_loss, t)``.
@@ -57,7 +63,17 @@ def noise_prediction_loss(
     # float32 at least: a bf16/fp16 network output is compared with the noise in full precision
     wide = torch.promote_types(eps_pred.dtype, torch.float32)
     per_sample = (eps_pred.to(wide) - noise.to(wide)).pow(2).flatten(1).mean(dim=1)
-    loss = per_sample.mean()
+    if min_snr_gamma is None:
+        loss = per_sample.mean()
+    else:
+        loss = (per_sample * min_snr_weight(sde, t, min_snr_gamma).to(wide)).mean()
     if return_per_sample:
         return loss, per_sample, t
     return loss
+
+
+def min_snr_weight(sde: VPSchedule, t: Tensor, gamma: float) -> Tensor:
+    """min(SNR, gamma) / SNR at the times t, SNR = alpha_t^2 / sigma_t^2: 1 where the noise is
+    strong (SNR <= gamma), gamma / SNR below that noise level. Taken in log space (log SNR is
+    2 lambda_t), which stays finite at the smallest t."""
+    return torch.exp(torch.clamp(math.log(gamma) - 2 * sde.lambda_(t), max=0.0))

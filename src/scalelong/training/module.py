@@ -6,6 +6,7 @@ except on logging steps (every ``trainer.log_every_n_steps`` and the last). Deta
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -23,6 +24,7 @@ from scalelong.training.grad_layout import match_gradient_strides
 from scalelong.training.guard import DivergenceGuard
 from scalelong.training.lr_schedule import check_lr_decay, lr_factor
 from scalelong.utils.distributed import is_distributed
+from scalelong.utils.errors import ConfigError
 from scalelong.utils.seeding import STREAM_DROPOUT, STREAM_TRAIN_NOISE, step_seed
 
 
@@ -38,7 +40,7 @@ class DiffusionModule(pl.LightningModule):
     def __init__(self, net: nn.Module, sde: VPSchedule, space: DataSpace, optimizer: Callable[..., torch.optim.Optimizer],
                  ema_decay: float = 0.9999, ema_warmup: bool = False, warmup_steps: int = 0, grad_clip: float | None = None,
                  max_nonfinite_in_row: int = 20, seed: int = 0, channels_last: bool = False, compile: bool = False,
-                 lr_decay: str | None = None, max_steps: int = 0):
+                 lr_decay: str | None = None, max_steps: int = 0, min_snr_gamma: float | None = None):
         super().__init__()
         self.net = net
         self.ema = EMA(self.net, float(ema_decay), ema_warmup)
@@ -46,6 +48,7 @@ class DiffusionModule(pl.LightningModule):
         self.optimizer_factory = optimizer
         self.warmup_steps, self.grad_clip = int(warmup_steps), grad_clip
         self.lr_decay, self.max_steps = check_lr_decay(lr_decay), int(max_steps)
+        self.min_snr_gamma = check_min_snr_gamma(min_snr_gamma)
         self.max_nonfinite_in_row = int(max_nonfinite_in_row or 0)
         self.seed = int(seed)
         self.channels_last = bool(channels_last)
@@ -142,7 +145,8 @@ class DiffusionModule(pl.LightningModule):
             x0 = x0.contiguous(memory_format=torch.channels_last)
         cond = self.space.condition(batch, draws["drop"], getattr(self, "empty_context", None))
         # The loss the tests check, with this step's keyed draws of t and the noise.
-        loss = noise_prediction_loss(self.net, x0, self.sde, cond, t=draws["t"], noise=draws["noise"])
+        loss = noise_prediction_loss(self.net, x0, self.sde, cond, t=draws["t"], noise=draws["noise"],
+                                     min_snr_gamma=self.min_snr_gamma)
 
         if logs:
             self.log("train/loss", loss, sync_dist=world > 1)
@@ -247,3 +251,17 @@ class DiffusionModule(pl.LightningModule):
         warmup, decay, total = self.warmup_steps, self.lr_decay, self.max_steps
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, decay, total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def check_min_snr_gamma(gamma: Any) -> float | None:
+    """``train.min_snr_gamma`` as a float, or None (the plain loss); a clear error for anything else."""
+    if gamma is None:
+        return None
+    try:
+        value = float(gamma)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if not (value > 0 and math.isfinite(value)):
+        raise ConfigError(f"train.min_snr_gamma={gamma!r}: give a positive number (5 in the min-SNR "
+                          "paper) to weight the loss by min(SNR, gamma) / SNR, or null for the plain loss")
+    return value
