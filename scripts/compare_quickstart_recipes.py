@@ -41,16 +41,18 @@ def on(base: list[str], *more: str) -> list[str]:
 # The quickstart of 2026-12-04, before issue 28 (commit 25f6422), as overrides of today's: 300 steps
 # on the linear VP-SDE at a constant rate, no clipping. The screens below that named no schedule
 # ran on top of it.
-BEFORE = ["train.max_steps=300", "diffusion.schedule=linear", "train.lr_decay=null", "train.grad_clip=null",
-          "checkpoint.every_n_steps=150"]
+BEFORE = ["train.batch_size=64", "train.max_steps=300", "diffusion.schedule=linear", "train.lr_decay=null",
+          "train.grad_clip=null", "checkpoint.every_n_steps=150"]
 # The recipe of commit dd37cb3 (the quickstart before the speed-up): the 1.1M-parameter UNet with
 # attention and dropout, 1,500 steps at lr 1e-3, 100 warm-up steps and EMA without warm-up. Its
 # sampler then (Euler-Maruyama, 200 steps) is not taken: legibility does not depend on the sampler
 # (issue 28), and all recipes are scored on the same samples' recipe.
 PREVIOUS = on(BEFORE, "model=unet_tiny", "train.max_steps=1500", "optim.lr=1e-3", "train.warmup_steps=100",
               "ema.warmup=false")
-# Today's recipe without the decay and the clipping (the screens' base).
+# The recipe of 2026-12-05 without the decay and the clipping (the screens' base).
 COSINE_400 = on(BEFORE, "diffusion.schedule=cosine", "train.max_steps=400", "train.lr_decay=cosine")
+# The quickstart of 2026-12-05 (commit 3265310) as overrides of today's: 400 steps at batch 64.
+DEC05 = ["train.batch_size=64", "train.max_steps=400", "checkpoint.every_n_steps=200"]
 
 RECIPES: dict[str, list[str]] = {
     "current": [],  # conf/recipe/digits.yaml as it is
@@ -87,32 +89,35 @@ RECIPES: dict[str, list[str]] = {
     "cosine 400, 32 channels, lr 2e-3": on(COSINE_400, "model.base_channels=32", "optim.lr=2e-3"),
     "cosine 400, attention": on(COSINE_400, "model.attn_resolutions=[8]"),
     "cosine 400, bf16": on(COSINE_400, "trainer.precision=bf16-mixed"),
-    "cosine 400, clip 1": on(COSINE_400, "train.grad_clip=1.0"),  # = current, but for its checkpoint interval
+    "cosine 400, clip 1": on(COSINE_400, "train.grad_clip=1.0"),  # = 2026-12-05 (400 steps), but for its checkpoint interval
     "cosine 400, clip 0.5": on(COSINE_400, "train.grad_clip=0.5"),
     "cosine 400, clip 1, lr 4e-3": on(COSINE_400, "train.grad_clip=1.0", "optim.lr=4e-3"),
     "cosine 500, clip 1": on(COSINE_400, "train.max_steps=500", "train.grad_clip=1.0"),
-    # More capacity on today's recipe.
-    "current, 32 channels": ["model.base_channels=32"],
-    "current, 32 channels, lr 2e-3": ["model.base_channels=32", "optim.lr=2e-3"],
-    "current, attention": ["model.attn_resolutions=[8]"],
+    # The screens of 2026-12-05 and 2026-12-06 on the recipe of 2026-12-05 (400 steps).
+    "2026-12-05 (400 steps)": DEC05,
+    # More capacity.
+    "2026-12-05, 32 channels": on(DEC05, "model.base_channels=32"),
+    "2026-12-05, 32 channels, lr 2e-3": on(DEC05, "model.base_channels=32", "optim.lr=2e-3"),
+    "2026-12-05, attention": on(DEC05, "model.attn_resolutions=[8]"),
     # 32 GroupNorm groups on 32 channels normalise each channel alone (2026-12-05: saturated samples).
-    "current, 32 channels, 8 groups": ["model.base_channels=32", "model.norm_groups=8"],
-    "current, 32 channels, 16 groups": ["model.base_channels=32", "model.norm_groups=16"],
+    "2026-12-05, 32 channels, 8 groups": on(DEC05, "model.base_channels=32", "model.norm_groups=8"),
+    "2026-12-05, 32 channels, 16 groups": on(DEC05, "model.base_channels=32", "model.norm_groups=16"),
     # With warm-up, a 400-step run never reaches ema.decay (the warm-up's (1 + n) / (10 + n) stays
     # below 0.978): the EMA's length is the warm-up's. These set it instead.
-    "current, EMA 0.99 without warm-up": ["ema.decay=0.99", "ema.warmup=false"],
-    "current, EMA 0.95 without warm-up": ["ema.decay=0.95", "ema.warmup=false"],
+    "2026-12-05, EMA 0.99 without warm-up": on(DEC05, "ema.decay=0.99", "ema.warmup=false"),
+    "2026-12-05, EMA 0.95 without warm-up": on(DEC05, "ema.decay=0.95", "ema.warmup=false"),
     # min-SNR-gamma loss weighting: the almost clean times count less (train.min_snr_gamma).
-    "current, min-SNR 5": ["train.min_snr_gamma=5"],
-    "current, min-SNR 1": ["train.min_snr_gamma=1"],
+    "2026-12-05, min-SNR 5": on(DEC05, "train.min_snr_gamma=5"),
     # Capacity moved to the coarse levels, where a digit's shape is decided: 16 channels at 16x16
-    # cost 0.78x of today's per step (2026-12-06, CPU), so 500 steps cost about today's 400.
-    "16 channels x [1, 2, 4], 500 steps": ["model.base_channels=16", "model.channel_mult=[1,2,4]",
-                                           "model.norm_groups=8", "train.max_steps=500"],
-    "current, channels x [1, 2, 4]": ["model.channel_mult=[1,2,4]"],
-    # How far more steps of today's recipe go (the rate still decays to 0 at the last step).
-    "current, 700 steps": ["train.max_steps=700", "checkpoint.every_n_steps=350"],
-    "current, 1000 steps": ["train.max_steps=1000", "checkpoint.every_n_steps=500"],
+    # cost 0.78x of 24 channels x [1, 2, 2] per step (2026-12-06, CPU): 500 steps cost about 400.
+    "16 channels x [1, 2, 4], 500 steps": on(DEC05, "model.base_channels=16", "model.channel_mult=[1,2,4]",
+                                           "model.norm_groups=8", "train.max_steps=500"),
+    "2026-12-05, channels x [1, 2, 4]": on(DEC05, "model.channel_mult=[1,2,4]"),
+    # How far more steps go (the rate still decays to 0 at the last step).
+    "2026-12-05, 700 steps": on(DEC05, "train.max_steps=700", "checkpoint.every_n_steps=350"),
+    "2026-12-05, 1000 steps": on(DEC05, "train.max_steps=1000", "checkpoint.every_n_steps=500"),
+    # More updates for the same images: half the batch, 2.5x the steps.
+    "batch 32, 1000 steps": on(DEC05, "train.batch_size=32", "train.max_steps=1000", "checkpoint.every_n_steps=500"),
 }
 
 

@@ -54,9 +54,9 @@ def test_quickstart_defaults():
     cfg = compose([])
     assert cfg["dataset"]["name"] == "digits" and cfg["model"]["_target_"] == "scalelong.models.UNet"
     assert cfg["model"]["base_channels"] == 24 and cfg["trainer"]["accelerator"] == "cpu"
-    # The quickstart's recipe (README "The quickstart"): no attention, 400 steps on the cosine noise
+    # The quickstart's recipe (README "The quickstart"): no attention, 1,000 steps on the cosine noise
     # schedule at a decayed, clipped rate, one grid made of the 100 scored samples.
-    assert cfg["model"]["attn_resolutions"] == [] and cfg["train"]["max_steps"] == 400
+    assert cfg["model"]["attn_resolutions"] == [] and cfg["train"]["max_steps"] == 1000
     assert cfg["diffusion"]["schedule"] == "cosine" and cfg["train"]["lr_decay"] == "cosine"
     assert cfg["train"]["grad_clip"] == 1.0
     # The studies keep the recipe they ran with: the paper's schedule, a constant rate, no clipping.
