@@ -42,4 +42,3 @@ def test_the_compared_recipes_compose_to_what_they_were():
         cfg["checkpoint"] = {}
         del cfg["run_dir"]
     assert dec05 == screen and longer == current
-

@@ -58,7 +58,7 @@ def test_quickstart_defaults():
     # schedule at a decayed, clipped rate, one grid made of the 100 scored samples.
     assert cfg["model"]["attn_resolutions"] == [] and cfg["train"]["max_steps"] == 1000
     assert cfg["diffusion"]["schedule"] == "cosine" and cfg["train"]["lr_decay"] == "cosine"
-    assert cfg["train"]["grad_clip"] == 1.0
+    assert cfg["train"]["grad_clip"] == 1.0 and cfg["train"]["min_snr_gamma"] is None  # the plain loss
     # The studies keep the recipe they ran with: the paper's schedule, a constant rate, no clipping.
     for experiment in ("study_cpu", "collapse_cpu", "stability_cpu"):
         study = compose([f"experiment={experiment}"])
@@ -161,10 +161,10 @@ def test_the_trainer_decays_the_lr_to_zero_at_the_last_step(tmp_path, monkeypatc
     assert lr_factor(7, 3, decay, 7) == 0.0 and lr_factor(5, 3, None, 7) == 1.0
 
 
-@pytest.mark.parametrize("gamma", [None, 5.0])
-def test_the_trainer_weights_the_loss_by_min_snr_when_asked(tmp_path, monkeypatch, gamma):
+def test_the_trainer_weights_the_loss_by_min_snr_when_asked(tmp_path, monkeypatch):
     """``train.min_snr_gamma``: through the real trainer, the loss each step minimises is the mean of
-    min(SNR, gamma) / SNR times each sample's squared error (null: the plain mean)."""
+    min(SNR, gamma) / SNR times each sample's squared error (the default, null, is the plain mean:
+    test_quickstart_defaults and the loss tests)."""
     import scalelong.training.module as module_file
 
     seen = []
@@ -176,18 +176,17 @@ def test_the_trainer_weights_the_loss_by_min_snr_when_asked(tmp_path, monkeypatc
         return loss
 
     monkeypatch.setattr(module_file, "noise_prediction_loss", recording)
-    override = "null" if gamma is None else gamma
-    train(smoke(tmp_path, "train.max_steps=3", f"train.min_snr_gamma={override}"))
+    train(smoke(tmp_path, "train.max_steps=3", "train.min_snr_gamma=5"))
     assert len(seen) == 3
     weights = []
     for given, sde, loss, per_sample, t in seen:
-        assert given == gamma
+        assert given == 5.0
         snr = sde.mean_coef(t) ** 2 / sde.std(t) ** 2
-        weight = torch.ones_like(snr) if gamma is None else torch.clamp(snr, max=gamma) / snr
+        weight = torch.clamp(snr, max=5.0) / snr
         torch.testing.assert_close(loss, (per_sample * weight).mean())
         weights.append(weight)
-    if gamma is not None:  # the steps drew times on both sides of SNR = gamma
-        assert float(torch.cat(weights).min()) < 0.5 and float(torch.cat(weights).max()) == 1.0
+    # the steps drew times on both sides of SNR = gamma
+    assert float(torch.cat(weights).min()) < 0.5 and float(torch.cat(weights).max()) == 1.0
 
 
 def test_ema_arithmetic():
