@@ -54,20 +54,32 @@ def test_quickstart_defaults():
     cfg = compose([])
     assert cfg["dataset"]["name"] == "digits" and cfg["model"]["_target_"] == "scalelong.models.UNet"
     assert cfg["model"]["base_channels"] == 24 and cfg["trainer"]["accelerator"] == "cpu"
-    # The quickstart's recipe (README "The quickstart"): no attention, 1,000 steps on the cosine noise
-    # schedule at a decayed, clipped rate, one grid made of the 100 scored samples.
-    assert cfg["model"]["attn_resolutions"] == [] and cfg["train"]["max_steps"] == 1000
-    assert cfg["diffusion"]["schedule"] == "cosine" and cfg["train"]["lr_decay"] == "cosine"
+    # The quickstart's recipe (README "The quickstart"): no attention, 1,500 steps on 8x8 digits with
+    # the cosine noise schedule at 4x its SNR, at a decayed, clipped rate, one grid made of the 100
+    # scored samples, scored and shown at 16x16.
+    assert cfg["model"]["attn_resolutions"] == [] and cfg["train"]["max_steps"] == 1500
+    assert cfg["dataset"]["image_size"] == 8 and cfg["model"]["img_size"] == 8
+    assert cfg["diffusion"] == {"schedule": "cosine", "snr_shift": 4} and cfg["train"]["lr_decay"] == "cosine"
     assert cfg["train"]["grad_clip"] == 1.0 and cfg["train"]["min_snr_gamma"] is None  # the plain loss
-    # The studies keep the recipe they ran with: the paper's schedule, a constant rate, no clipping.
-    for experiment in ("study_cpu", "collapse_cpu", "stability_cpu"):
+    # The studies keep the recipe they ran with: 16x16 digits on the paper's schedule as it is, a
+    # constant rate, no clipping (claim 5: the cosine schedule); so does the post-hoc EMA study.
+    from scalelong.cli.posthoc_ema_study import CPU_OVERRIDES
+
+    for experiment in ("study_cpu", "collapse_cpu", "stability_cpu", "claim5_cpu"):
         study = compose([f"experiment={experiment}"])
         assert (study["diffusion"]["schedule"], study["train"]["lr_decay"], study["train"]["grad_clip"]) == (
-            "linear", None, None), experiment
-    assert cfg["quick_eval"] == {"num": 100, "grid": True} and cfg["sample"]["every_n_steps"] == 0
+            "cosine" if experiment == "claim5_cpu" else "linear", None, None), experiment
+        assert (study["dataset"]["image_size"], study["model"]["img_size"], study["diffusion"]["snr_shift"]) == (
+            16, 16, 1), experiment
+        if study["model"]["_target_"].endswith("UViT"):
+            assert study["model"]["patch_size"] == 4, experiment  # 4 x 4 tokens, as they ran
+    posthoc = compose(list(CPU_OVERRIDES))
+    assert (posthoc["dataset"]["image_size"], posthoc["diffusion"]["snr_shift"]) == (16, 1)
+    assert cfg["quick_eval"] == {"num": 100, "grid": True, "size": 16} and cfg["sample"]["every_n_steps"] == 0
     assert (cfg["sample"]["sampler"], cfg["sample"]["steps"]) == ("ancestral", 50)
     uvit = compose(["model=uvit"])["model"]
     assert uvit["_target_"] == "scalelong.models.UViT" and uvit["embed_dim"] == 128  # the uvit_tiny preset
+    assert uvit["patch_size"] == 2  # 4 x 4 tokens at 8x8, as at 16x16 with patches of 4
 
 
 def test_the_grid_at_the_end_is_a_key_of_the_config():

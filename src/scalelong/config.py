@@ -56,6 +56,15 @@ def _precision_for(accelerator: str, gpu_precision: str) -> str:
     return "32-true" if str(accelerator) == "cpu" else str(gpu_precision)
 
 
+def _patch_for(image_size: int, tokens_per_side: int) -> int:
+    """The patch size that cuts a square image into ``tokens_per_side`` x ``tokens_per_side`` tokens
+    (the digits' U-ViT keeps 4 x 4 at 16x16 and at their native 8x8)."""
+    size, side = int(image_size), int(tokens_per_side)
+    if side <= 0 or size % side:
+        raise ConfigError(f"an image of {size}x{size} does not cut into {side}x{side} patches; set model.patch_size")
+    return size // side
+
+
 def _auto_accelerator() -> str:
     """``trainer=auto`` (the default): ``gpu`` where torch sees a CUDA GPU, else ``cpu``."""
     import torch  # only here: composing a configuration needs no torch otherwise
@@ -84,7 +93,7 @@ def describe_accelerator(trainer_cfg: Mapping[str, Any]) -> str:
 
 for _name, _fn in (("run_folder", _run_folder), ("label_classes", _label_classes),
                    ("precision_for", _precision_for), ("job_folder", _job_folder),
-                   ("auto_accelerator", _auto_accelerator)):
+                   ("auto_accelerator", _auto_accelerator), ("patch_for", _patch_for)):
     if not OmegaConf.has_resolver(_name):
         OmegaConf.register_new_resolver(_name, _fn)
 

@@ -3,10 +3,21 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
 from scalelong.data.sampler import BatchRequest
+
+
+def resize_uint8(images: Tensor, size: int) -> Tensor:
+    """uint8 images (N, C, h, w) at ``size`` x ``size``: bilinear, rounded back to uint8 (how the
+    digits data set makes its 16x16 images from the 8x8 originals, so samples drawn at 8x8 read and
+    look like the 16x16 digits). Images already at that size come back as they are."""
+    if tuple(images.shape[-2:]) == (size, size):
+        return images
+    resized = F.interpolate(images.float() / 255.0, size=(size, size), mode="bilinear", align_corners=False)
+    return (resized.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
 class InMemoryImages(Dataset):

@@ -133,8 +133,11 @@ class DigitFeatures(nn.Module):
 
     @staticmethod
     def resize(image: np.ndarray) -> np.ndarray:
+        if image.shape[:2] == (8, 8):  # drawn at the digits' native size: read as the data set's 16x16
+            chw = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))[None]
+            image = as_read(chw)[0].permute(1, 2, 0).numpy()
         if image.shape[:2] != (16, 16):
-            raise ValueError(f"the digit classifier reads 16x16 images, got {image.shape[:2]}")
+            raise ValueError(f"the digit classifier reads 16x16 (or 8x8) images, got {image.shape[:2]}")
         return image.astype(np.float32)
 
     @property
@@ -161,11 +164,13 @@ class DigitReader:
 
     @torch.no_grad()
     def read(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        """uint8 (N, 1 or 3, 16, 16), as samples are saved -> (confidence (N,), class (N,))."""
-        if images.dtype != torch.uint8 or images.dim() != 4 or tuple(images.shape[2:]) != (16, 16):
-            raise ValueError(f"the digit reader reads uint8 (N, C, 16, 16) images, got {images.dtype} "
-                             f"{tuple(images.shape)}")
-        probs = F.softmax(self.net(images[:, :1].float().cpu() / 255.0), dim=1)
+        """uint8 (N, 1 or 3, 16, 16) or (N, 1 or 3, 8, 8), as samples are saved -> (confidence (N,),
+        class (N,)). 8x8 images (drawn at the digits' native size) are read as the data set makes
+        its 16x16 ones from them."""
+        if images.dtype != torch.uint8 or images.dim() != 4 or tuple(images.shape[2:]) not in ((16, 16), (8, 8)):
+            raise ValueError(f"the digit reader reads uint8 (N, C, 16, 16) or (N, C, 8, 8) images, got "
+                             f"{images.dtype} {tuple(images.shape)}")
+        probs = F.softmax(self.net(as_read(images[:, :1].cpu()).float() / 255.0), dim=1)
         confidence, label = probs.max(dim=1)
         return confidence, label
 
@@ -180,6 +185,13 @@ class DigitReader:
             _, held_out = held_out_split(len(images))
             self._real = legibility(*self.read(images[held_out]))
         return self._real
+
+
+def as_read(images: Tensor) -> Tensor:
+    """uint8 digits as the classifier reads them: 16x16, those drawn at 8x8 resized the data set's way."""
+    from scalelong.data.images import resize_uint8
+
+    return resize_uint8(images, 16) if tuple(images.shape[-2:]) == (8, 8) else images
 
 
 def readings_in_order(shares: list, num: int) -> tuple[Tensor, Tensor]:

@@ -24,8 +24,12 @@ def quick_eval(module, data, quick: Mapping[str, Any], sample: Mapping[str, Any]
     from scalelong.utils.io import save_image_grid
 
     num = int(quick["num"])
+    size = quick_eval_size(quick, data.dataset_cfg)
+    model, reference = module.model, data.data
+    if size != int(data.dataset_cfg.get("image_size") or size):  # drawn at another size than scored
+        model, reference = _DrawnResized(module.model, size), _reference_at(data, size)
     kept: list = []  # (sample indices, images) of this rank's share
-    reader = _digit_reader(data.dataset_cfg)
+    reader = _digit_reader(data.dataset_cfg, size)
     readings: list = []  # (sample indices, confidences, classes) of this rank's share
 
     def on_chunk(indices, images):
@@ -33,8 +37,8 @@ def quick_eval(module, data, quick: Mapping[str, Any], sample: Mapping[str, Any]
         if reader is not None:
             readings.append((indices, *reader.read(images)))
 
-    cache = _quick_reference(data.dataset_cfg["name"], num)
-    result = quick_kid_fid(module.model, data.data, num=num, sampler=sample["sampler"], steps=int(sample["steps"]),
+    cache = _quick_reference(data.dataset_cfg["name"], num, size)
+    result = quick_kid_fid(model, reference, num=num, sampler=sample["sampler"], steps=int(sample["steps"]),
                            extractor=extractor, on_chunk=on_chunk, reference_cache=cache)
     shares = all_gather_object(kept) if quick.get("grid") else []  # collective: on every rank
     metrics = {"eval/quick_kid": float(result["kid"]), "eval/quick_fid": float(result["fid"])}
@@ -56,9 +60,45 @@ def quick_eval(module, data, quick: Mapping[str, Any], sample: Mapping[str, Any]
     return metrics
 
 
-def _digit_reader(dataset_cfg: Mapping[str, Any]):
-    """The digit classifier's reader for the built-in digits (16x16 grey), else None."""
-    if dataset_cfg.get("name") != "digits" or int(dataset_cfg.get("image_size", 0)) != 16:
+def quick_eval_size(quick: Mapping[str, Any], dataset_cfg: Mapping[str, Any]) -> int:
+    """The side of the images the end's evaluation scores and shows: ``quick_eval.size``, or
+    (null) the data set's ``image_size``."""
+    return int(quick.get("size") or dataset_cfg.get("image_size") or 0)
+
+
+class _DrawnResized:
+    """A model whose samples come resized to ``size`` (``resize_uint8``): the digits drawn at their
+    native 8x8 are scored, read and shown as the data set's 16x16 digits (``quick_eval.size``)."""
+
+    def __init__(self, model, size: int):
+        self._model, self._size = model, size
+
+    def __getattr__(self, name: str):
+        return getattr(self._model, name)
+
+    def generate(self, *args, **kwargs):
+        from scalelong.data.images import resize_uint8
+
+        return resize_uint8(self._model.generate(*args, **kwargs), self._size)
+
+
+def _reference_at(data, size: int):
+    """The data set's images at ``size``: loaded at that size where its loader makes sizes (the
+    digits' own 16x16: the very images a 16x16 run's evaluation compares with), else resized."""
+    from scalelong.data import build_dataset
+    from scalelong.data.images import resize_uint8
+    from scalelong.utils.errors import ConfigError
+
+    try:
+        return build_dataset({**data.dataset_cfg, "image_size": size}).images
+    except ConfigError:  # a loader of one size only
+        return resize_uint8(data.data.images, size)
+
+
+def _digit_reader(dataset_cfg: Mapping[str, Any], size: int):
+    """The digit classifier's reader for the built-in digits scored at 16x16 (or their native
+    8x8, read as 16x16), else None."""
+    if dataset_cfg.get("name") != "digits" or size not in (8, 16):
         return None
     from scalelong.metrics.digits import DigitReader
 
@@ -78,11 +118,12 @@ def _legibility(reader, shares: list, num: int, verbose: bool) -> dict[str, Any]
             "per_sample": {"confidence": [round(float(c), 4) for c in confidence], "class": label.tolist()}}
 
 
-def _quick_reference(dataset: str, num: int) -> Path:
-    """Where the quick evaluation caches the statistics of ``num`` images of the data set."""
+def _quick_reference(dataset: str, num: int, size: int) -> Path:
+    """Where the quick evaluation caches the statistics of ``num`` images of the data set at
+    ``size`` x ``size`` (a run at another size finds its own, not one it would overwrite)."""
     from scalelong.metrics.inception import cache_dir
 
-    return cache_dir() / "fid_stats" / f"quick_{dataset}_clean_n{num}_seed0.npz"
+    return cache_dir() / "fid_stats" / f"quick_{dataset}{size}_clean_n{num}_seed0.npz"
 
 
 def load_inception_for_the_end(config: Mapping[str, Any]) -> tuple[Any, float]:
@@ -126,7 +167,8 @@ def end_of_run_estimate(config: Mapping[str, Any], inception: tuple[Any, float] 
             what.append(f"a grid of {sample['num']} samples")
         if quick:
             num = int(quick["num"])
-            images = num if _quick_reference(config["dataset"]["name"], num).is_file() else 2 * num
+            cached = _quick_reference(config["dataset"]["name"], num, quick_eval_size(quick, config["dataset"]))
+            images = num if cached.is_file() else 2 * num
             seconds += num * sample["steps"] * forward + images * (inception[1] if inception else 0.2)
             what.append(f"{num} samples and their KID/FID")
         return seconds, " and ".join(what)
