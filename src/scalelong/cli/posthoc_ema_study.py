@@ -23,9 +23,9 @@ from scalelong.cli import one_thread_env
 ROOT = Path(__file__).resolve().parents[3]
 STRATEGIES = ("none", "sqrt2", "constant", "learnable", "learnable_nonshared")
 # The CPU study's training runs: the quickstart recipe as the study ran it (python train.py of commit
-# e411408: 300 steps, the linear VP-SDE, a constant rate, no clipping; the quickstart has changed
-# since: it now draws 8x8 digits), without what the study does not read (W&B, the stability callback, the KID/FID and the
-# grid at the end), snapshots every 10 steps.
+# e411408: 300 steps, 16x16 digits, the linear VP-SDE, a constant rate, no clipping; the quickstart
+# has changed since), without what the study does not read (W&B, the stability callback, the KID/FID
+# and the grid at the end), snapshots every 10 steps.
 AS_RUN = ("train.max_steps=300", "diffusion.schedule=linear", "train.lr_decay=null", "train.grad_clip=null",
           "dataset.image_size=16", "diffusion.snr_shift=1")
 CPU_OVERRIDES = (*AS_RUN, "logger=csv", "callbacks=none", "quick_eval=null", "sample.at_end=false")
