@@ -54,12 +54,16 @@ def test_quickstart_defaults():
     cfg = compose([])
     assert cfg["dataset"]["name"] == "digits" and cfg["model"]["_target_"] == "scalelong.models.UNet"
     assert cfg["model"]["base_channels"] == 24 and cfg["trainer"]["accelerator"] == "cpu"
-    # The quickstart's recipe (README "The quickstart"): no attention, 1,500 steps on 8x8 digits with
-    # the cosine noise schedule at 4x its SNR, at a decayed, clipped rate, one grid made of the 100
-    # scored samples, scored and shown at 16x16.
-    assert cfg["model"]["attn_resolutions"] == [] and cfg["train"]["max_steps"] == 1500
-    assert cfg["dataset"]["image_size"] == 8 and cfg["model"]["img_size"] == 8
-    assert cfg["diffusion"] == {"schedule": "cosine", "snr_shift": 4} and cfg["train"]["lr_decay"] == "cosine"
+    # The quickstart's recipe (README "The quickstart"): no attention, 1,000 steps on the cosine noise
+    # schedule at a decayed, clipped rate, one grid made of the 100 scored samples.
+    assert cfg["model"]["attn_resolutions"] == [] and cfg["train"]["max_steps"] == 1000
+    assert cfg["dataset"]["image_size"] == 16 and cfg["model"]["img_size"] == 16
+    assert cfg["diffusion"] == {"schedule": "cosine", "snr_shift": 1} and cfg["train"]["lr_decay"] == "cosine"
+    # recipe=digits8: the same UNet at the digits' native 8x8 for 1,500 steps, 4x the SNR, scored at 16x16
+    eight = compose(["recipe=digits8"])
+    assert (eight["dataset"]["image_size"], eight["model"]["img_size"], eight["train"]["max_steps"]) == (8, 8, 1500)
+    assert eight["diffusion"] == {"schedule": "cosine", "snr_shift": 4} and eight["quick_eval"]["size"] == 16
+    assert compose(["recipe=digits8", "model=uvit"])["model"]["patch_size"] == 2  # 4 x 4 tokens at 8x8
     assert cfg["train"]["grad_clip"] == 1.0 and cfg["train"]["min_snr_gamma"] is None  # the plain loss
     # The studies keep the recipe they ran with: 16x16 digits on the paper's schedule as it is, a
     # constant rate, no clipping (claim 5: the cosine schedule); so does the post-hoc EMA study.
@@ -75,11 +79,11 @@ def test_quickstart_defaults():
             assert study["model"]["patch_size"] == 4, experiment  # 4 x 4 tokens, as they ran
     posthoc = compose(list(CPU_OVERRIDES))
     assert (posthoc["dataset"]["image_size"], posthoc["diffusion"]["snr_shift"]) == (16, 1)
-    assert cfg["quick_eval"] == {"num": 100, "grid": True, "size": 16} and cfg["sample"]["every_n_steps"] == 0
+    assert cfg["quick_eval"] == {"num": 100, "grid": True} and cfg["sample"]["every_n_steps"] == 0
     assert (cfg["sample"]["sampler"], cfg["sample"]["steps"]) == ("ancestral", 50)
     uvit = compose(["model=uvit"])["model"]
     assert uvit["_target_"] == "scalelong.models.UViT" and uvit["embed_dim"] == 128  # the uvit_tiny preset
-    assert uvit["patch_size"] == 2  # 4 x 4 tokens at 8x8, as at 16x16 with patches of 4
+    assert uvit["patch_size"] == 4  # 4 x 4 tokens
 
 
 def test_the_grid_at_the_end_is_a_key_of_the_config():
