@@ -41,8 +41,9 @@ def on(base: list[str], *more: str) -> list[str]:
 # The quickstart of 2026-12-04, before issue 28 (commit 25f6422), as overrides of today's: 300 steps
 # on the linear VP-SDE at a constant rate, no clipping. The screens below that named no schedule
 # ran on top of it.
-# Every recipe before the 8x8 quickstart drew 16x16 digits on the schedule as it is (SIXTEEN).
-SIXTEEN = ["dataset.image_size=16", "diffusion.snr_shift=1"]
+# Every recipe before the 8x8 quickstart drew 16x16 digits on the schedule as it is, and scored them
+# at that size (SIXTEEN).
+SIXTEEN = ["dataset.image_size=16", "diffusion.snr_shift=1", "quick_eval.size=null"]
 BEFORE = [*SIXTEEN, "train.batch_size=64", "train.max_steps=300", "diffusion.schedule=linear", "train.lr_decay=null",
           "train.grad_clip=null", "checkpoint.every_n_steps=150"]
 # The recipe of commit dd37cb3 (the quickstart before the speed-up): the 1.1M-parameter UNet with
@@ -55,11 +56,11 @@ PREVIOUS = on(BEFORE, "model=unet_tiny", "train.max_steps=1500", "optim.lr=1e-3"
 COSINE_400 = on(BEFORE, "diffusion.schedule=cosine", "train.max_steps=400", "train.lr_decay=cosine")
 # The quickstart of 2026-12-05 (commit 3265310) as overrides of today's: 400 steps at batch 64.
 DEC05 = [*SIXTEEN, "train.batch_size=64", "train.max_steps=400", "checkpoint.every_n_steps=200"]
-# The quickstart of 2026-12-06 (commit bca0db5): the same at 1,000 steps.
+# The quickstart of 2026-12-06 (commit bca0db5): the same at 1,000 steps (now recipe=digits16).
 DEC06 = on(DEC05, "train.max_steps=1000", "checkpoint.every_n_steps=500")
 # The digits drawn at their native 8x8 with the 16x16 run's noise levels (4x the SNR), scored and
-# shown as 16x16 digits (conf/recipe/digits8.yaml; the 1,000-step 16x16 recipe otherwise).
-EIGHT = ["recipe=digits8", "train.batch_size=64"]
+# shown as 16x16 digits: the quickstart since the evening of 2026-12-06, at 1,500 steps.
+EIGHT = ["dataset.image_size=8", "diffusion.snr_shift=4", "quick_eval.size=16", "train.batch_size=64"]
 # The recipe whose quiet wall time was measured (81-87 s on 2026-12-05): the others' are expected from
 # their CPU time's ratio to its.
 REFERENCE = "2026-12-05 (400 steps)"

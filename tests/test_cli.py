@@ -20,6 +20,11 @@ BAD_SCALING = [
                                      "the warm-up, the paper's), cosine or linear"),
     (["train.min_snr_gamma=0"], "train.min_snr_gamma=0: give a positive number (5 in the min-SNR paper) to weight "
                                 "the loss by min(SNR, gamma) / SNR, or null for the plain loss"),
+    # sizes the config's resolvers cannot work with: the key, the problem, what to set instead
+    (["model=uvit", "dataset.image_size=7"], "model.patch_size: an image of 7x7 does not cut into 4x4 patches; "
+                                             "set model.patch_size"),
+    (["dataset.image_size=0"], "diffusion.snr_shift: image sizes must be positive, got 0 and 16; "
+                               "set diffusion.snr_shift"),
 ]
 
 

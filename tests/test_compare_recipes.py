@@ -35,17 +35,15 @@ def test_the_compared_recipes_compose_to_what_they_were():
     assert (previous["train"]["max_steps"], previous["optim"]["lr"]) == (1500, 1e-3)
     assert previous["diffusion"]["schedule"] == "linear" and previous["train"]["grad_clip"] is None
     # The screen marked as the recipe of 2026-12-05 is that recipe, but for its checkpoint interval;
-    # and today's recipe is that one at 1,000 steps.
+    # the recipe of 2026-12-06 is that one at 1,000 steps (recipe=digits16); today's is the 8x8 screen
+    # at 1,500 steps.
     dec05, screen = compose(script.RECIPES["2026-12-05 (400 steps)"]), compose(script.RECIPES["cosine 400, clip 1"])
-    longer, current = compose(script.RECIPES["2026-12-05, 1000 steps"]), compose([])
-    for cfg in (dec05, screen, longer, current):
+    longer, dec06 = compose(script.RECIPES["2026-12-05, 1000 steps"]), compose(script.RECIPES["2026-12-06 (16x16, 1000 steps)"])
+    digits16 = compose(["recipe=digits16"])
+    eight, current = compose(script.RECIPES["8x8, 1500 steps"]), compose([])
+    for cfg in (dec05, screen, longer, dec06, digits16, eight, current):
         cfg["checkpoint"] = {}
         del cfg["run_dir"]
-    assert dec05 == screen and longer == current
-    # the 8x8 screen at 1,500 steps is recipe=digits8
-    eight, digits8 = compose(script.RECIPES["8x8, 1500 steps"]), compose(["recipe=digits8"])
-    for cfg in (eight, digits8):
-        cfg["checkpoint"] = {}
-        del cfg["run_dir"]
-    assert eight == digits8
+    assert dec05 == screen and longer == dec06 == digits16 and eight == current
+    assert digits16["dataset"]["image_size"] == 16 and current["dataset"]["image_size"] == 8
     assert script.REFERENCE in script.RECIPES  # the recipe the table's quiet wall times are scaled from

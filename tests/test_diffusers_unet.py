@@ -165,7 +165,8 @@ def test_two_training_steps_through_the_trainer_with_stability_measurements(runs
 
     run = runs["mp_cat"]
     assert run["config"]["model"]["_target_"] == "scalelong.models.DiffusersUNet"
-    assert run["config"]["model"]["sample_size"] == 16 and run["config"]["model"]["in_channels"] == 1
+    assert run["config"]["model"]["sample_size"] == run["config"]["dataset"]["image_size"] == 8
+    assert run["config"]["model"]["in_channels"] == 1
     module = run["result"]["module"]
     assert isinstance(module.net, DiffusersUNet) and module.net.skip_scaling.name == "mp_cat"
     assert sum(p.numel() for p in module.net.parameters()) == 1_112_801  # the preset's comment

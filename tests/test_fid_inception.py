@@ -95,7 +95,9 @@ def test_make_fid_stats_and_evaluate_end_to_end(inception, tmp_path, monkeypatch
     import evaluate
     import make_fid_stats
 
-    out = train(compose(["experiment=smoke", "logger=none"], tmp_path / "run"))
+    cfg = compose(["experiment=smoke", "logger=none"], tmp_path / "run")
+    size = cfg["dataset"]["image_size"]  # the reference is composed as training is: the same size
+    out = train(cfg)
     weights = str(inception.weights.path)
     ref = tmp_path / "digits_ref.npz"
     assert make_fid_stats.main(["dataset=digits", "num=12", f"out={ref}", f"inception={weights}", "device=cpu"]) == 0
@@ -113,5 +115,5 @@ def test_make_fid_stats_and_evaluate_end_to_end(inception, tmp_path, monkeypatch
     assert report["ref_sha1"] == inc.file_digest(ref) == meta["sha1"]
     assert report["checkpoint_step"] == 4 and report["checkpoint"] == str(Path(out["checkpoint"]).resolve())
     with np.load(folder / "samples_rank000.npz") as z:
-        assert z["samples"].shape == (6, 16, 16, 1) and z["indices"].tolist() == list(range(6))
+        assert z["samples"].shape == (6, size, size, 1) and z["indices"].tolist() == list(range(6))
     assert (folder / "grid.png").is_file()

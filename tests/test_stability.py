@@ -263,7 +263,7 @@ def test_probe_is_a_fixed_conditioned_training_batch(tmp_path):
     idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(3))[:5]
     assert torch.equal(probe["cond"]["y"], data.labels[idx])  # labels kept: no condition dropout
     for t, (x_t, d, tt) in probe["points"].items():
-        assert torch.all(tt == t) and x_t.shape == (5, 1, 16, 16)
+        assert torch.all(tt == t) and x_t.shape == (5, *module.space.image_shape)
         torch.testing.assert_close(by_hand(d), 1e-2 * by_hand(x_t))
     again = monitor._make_probe(trainer, module)["points"][0.5][0]
     assert torch.equal(again, probe["points"][0.5][0])  # the same probe every time (fixed seed)

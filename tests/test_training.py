@@ -54,16 +54,23 @@ def test_quickstart_defaults():
     cfg = compose([])
     assert cfg["dataset"]["name"] == "digits" and cfg["model"]["_target_"] == "scalelong.models.UNet"
     assert cfg["model"]["base_channels"] == 24 and cfg["trainer"]["accelerator"] == "cpu"
-    # The quickstart's recipe (README "The quickstart"): no attention, 1,000 steps on the cosine noise
-    # schedule at a decayed, clipped rate, one grid made of the 100 scored samples.
-    assert cfg["model"]["attn_resolutions"] == [] and cfg["train"]["max_steps"] == 1000
-    assert cfg["dataset"]["image_size"] == 16 and cfg["model"]["img_size"] == 16
-    assert cfg["diffusion"] == {"schedule": "cosine", "snr_shift": 1} and cfg["train"]["lr_decay"] == "cosine"
-    # recipe=digits8: the same UNet at the digits' native 8x8 for 1,500 steps, 4x the SNR, scored at 16x16
-    eight = compose(["recipe=digits8"])
-    assert (eight["dataset"]["image_size"], eight["model"]["img_size"], eight["train"]["max_steps"]) == (8, 8, 1500)
-    assert eight["diffusion"] == {"schedule": "cosine", "snr_shift": 4} and eight["quick_eval"]["size"] == 16
-    assert compose(["recipe=digits8", "model=uvit"])["model"]["patch_size"] == 2  # 4 x 4 tokens at 8x8
+    # The quickstart's recipe (README "The quickstart"): no attention, the digits at their native 8x8
+    # for 1,500 steps on the cosine noise schedule at 4x its SNR, a decayed, clipped rate, one grid made
+    # of the 100 scored samples, which are scored, read and shown at the data set's 16x16.
+    assert cfg["model"]["attn_resolutions"] == [] and cfg["train"]["max_steps"] == 1500
+    assert cfg["dataset"]["image_size"] == 8 and cfg["model"]["img_size"] == 8
+    assert cfg["diffusion"] == {"schedule": "cosine", "snr_shift": 4} and cfg["train"]["lr_decay"] == "cosine"
+    assert cfg["quick_eval"] == {"num": 100, "grid": True, "size": 16}
+    # recipe=digits16: the quickstart before, on 16x16 digits for 1,000 steps at the schedule's own SNR
+    sixteen = compose(["recipe=digits16"])
+    assert (sixteen["dataset"]["image_size"], sixteen["model"]["img_size"], sixteen["train"]["max_steps"]) == (
+        16, 16, 1000)
+    assert sixteen["diffusion"] == {"schedule": "cosine", "snr_shift": 1} and sixteen["quick_eval"].get("size") is None
+    assert compose(["recipe=digits16", "model=uvit"])["model"]["patch_size"] == 4
+    # the SNR shift follows the size: the digits drawn at 16x16 train on the schedule as it is
+    assert compose(["dataset.image_size=16"])["diffusion"]["snr_shift"] == 1
+    with pytest.raises(ConfigError, match="set diffusion.snr_shift"):
+        compose(["dataset.image_size=0"])
     assert cfg["train"]["grad_clip"] == 1.0 and cfg["train"]["min_snr_gamma"] is None  # the plain loss
     # The studies keep the recipe they ran with: 16x16 digits on the paper's schedule as it is, a
     # constant rate, no clipping (claim 5: the cosine schedule); so does the post-hoc EMA study.
@@ -79,11 +86,11 @@ def test_quickstart_defaults():
             assert study["model"]["patch_size"] == 4, experiment  # 4 x 4 tokens, as they ran
     posthoc = compose(list(CPU_OVERRIDES))
     assert (posthoc["dataset"]["image_size"], posthoc["diffusion"]["snr_shift"]) == (16, 1)
-    assert cfg["quick_eval"] == {"num": 100, "grid": True} and cfg["sample"]["every_n_steps"] == 0
+    assert cfg["sample"]["every_n_steps"] == 0
     assert (cfg["sample"]["sampler"], cfg["sample"]["steps"]) == ("ancestral", 50)
     uvit = compose(["model=uvit"])["model"]
     assert uvit["_target_"] == "scalelong.models.UViT" and uvit["embed_dim"] == 128  # the uvit_tiny preset
-    assert uvit["patch_size"] == 4  # 4 x 4 tokens
+    assert uvit["patch_size"] == 2  # 4 x 4 tokens of the 8x8 digits
 
 
 def test_the_grid_at_the_end_is_a_key_of_the_config():
@@ -259,9 +266,10 @@ def _fixed_loss(module: DiffusionModule, images: torch.Tensor) -> float:
     return float(torch.mean((pred - noise) ** 2))
 
 
-@pytest.mark.parametrize("model", ["unet", "uvit"])
-def test_a_few_steps_make_the_loss_fall(tmp_path, model):
-    # 15 steps: measured loss ratios 0.15 (unet) and 0.55 (uvit), against 0.09 and 0.50 after 30
+# 15 steps on the quickstart's 8x8 digits: measured loss ratios 0.60 (unet) and 0.80 (uvit; 0.72 after
+# 30). At 4x the SNR the loss has a higher floor than on 16x16 digits, where they were 0.15 and 0.55.
+@pytest.mark.parametrize("model, bound", [("unet", 0.7), ("uvit", 0.9)])
+def test_a_few_steps_make_the_loss_fall(tmp_path, model, bound):
     cfg = smoke(tmp_path, f"model={model}", "scaling=learnable", "train.max_steps=15", "train.batch_size=32",
                 "optim.lr=2e-3")
     torch.manual_seed(cfg["seed"])
@@ -271,7 +279,7 @@ def test_a_few_steps_make_the_loss_fall(tmp_path, model):
     before = _fixed_loss(before_module, images)
     result = train(cfg)
     after = _fixed_loss(result["module"], images)
-    assert after < 0.7 * before, (before, after)
+    assert after < bound * before, (before, after)
     assert math.isfinite(result["metrics"]["train/grad_norm"])
 
 
@@ -329,7 +337,7 @@ def test_compiled_backbone_matches_eager(quick_compile):
     eager = build_module(compose(["model=uvit", "scaling=learnable",
                                      "model.depth=2", "model.embed_dim=32", "model.num_heads=2"]))
     eager.load_state_dict(compiled.state_dict())
-    x, t = torch.randn(3, 1, 16, 16), torch.tensor([10.0, 400.0, 990.0])
+    x, t = torch.randn(3, *compiled.space.image_shape), torch.tensor([10.0, 400.0, 990.0])
     with torch.no_grad():
         torch.testing.assert_close(compiled.net(x, t), eager.net(x, t), rtol=1e-4, atol=1e-5)
     assert list(compiled.state_dict()) == list(eager.state_dict())

@@ -65,6 +65,16 @@ def _patch_for(image_size: int, tokens_per_side: int) -> int:
     return size // side
 
 
+def _snr_shift_for(image_size: int, reference_size: int) -> float:
+    """The SNR factor that gives images of ``image_size`` the noise levels of ``reference_size``
+    ones: (reference / size)^2, as a pixel of the small image carries the noise that that many
+    pixels of the large one average away (the quickstart's 8x8 digits: 4; at 16x16: 1)."""
+    size, reference = int(image_size), int(reference_size)
+    if size <= 0 or reference <= 0:
+        raise ConfigError(f"image sizes must be positive, got {size} and {reference}; set diffusion.snr_shift")
+    return (reference / size) ** 2
+
+
 def _auto_accelerator() -> str:
     """``trainer=auto`` (the default): ``gpu`` where torch sees a CUDA GPU, else ``cpu``."""
     import torch  # only here: composing a configuration needs no torch otherwise
@@ -93,7 +103,8 @@ def describe_accelerator(trainer_cfg: Mapping[str, Any]) -> str:
 
 for _name, _fn in (("run_folder", _run_folder), ("label_classes", _label_classes),
                    ("precision_for", _precision_for), ("job_folder", _job_folder),
-                   ("auto_accelerator", _auto_accelerator), ("patch_for", _patch_for)):
+                   ("auto_accelerator", _auto_accelerator), ("patch_for", _patch_for),
+                   ("snr_shift_for", _snr_shift_for)):
     if not OmegaConf.has_resolver(_name):
         OmegaConf.register_new_resolver(_name, _fn)
 
@@ -138,10 +149,22 @@ def unknown_option_message(err: Exception) -> str:
 
 
 def to_plain(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
-    """The resolved configuration as plain Python containers."""
-    if isinstance(cfg, DictConfig):
+    """The resolved configuration as plain Python containers. A resolver's ``ConfigError`` (an
+    image that does not cut into patches, ...) comes out as itself, naming the key, not wrapped in
+    OmegaConf's resolution error."""
+    from omegaconf.errors import InterpolationResolutionError
+
+    if not isinstance(cfg, DictConfig):
+        return dict(cfg)
+    try:
         return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-    return dict(cfg)
+    except InterpolationResolutionError as err:
+        cause = err
+        while cause is not None and not isinstance(cause, ConfigError):  # OmegaConf re-wraps it
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        raise ConfigError(f"{err.full_key}: {cause}") from None
 
 
 # --- checks on a composed run ------------------------------------------------------------------

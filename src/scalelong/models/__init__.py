@@ -16,7 +16,9 @@ from scalelong.models.uvit import UViT, convert_official_uvit_state_dict
 
 def preset_config(preset: str, dataset: str | None = None, **overrides: Any) -> dict[str, Any]:
     """The resolved ``model`` node of ``conf/model/<preset>.yaml`` for ``dataset``'s images (default:
-    the data set whose ``model=uvit``/``unet`` this preset is), with ``overrides`` applied."""
+    the data set whose ``model=uvit``/``unet`` this preset is), with ``overrides`` applied. The
+    images are the data set's own (``conf/dataset``), not a training recipe's choice: the digits'
+    presets are 16x16, though the quickstart's recipe draws the digits at 8x8."""
     from scalelong.config import conf_dir
     from scalelong.utils.errors import ConfigError
 
@@ -31,12 +33,13 @@ def preset_config(preset: str, dataset: str | None = None, **overrides: Any) -> 
 @functools.lru_cache(maxsize=None)
 def _composed_model(preset: str, dataset: str) -> dict[str, Any]:
     """The resolved ``model`` node, composed once per process: a Hydra composition costs about
-    0.1 s, and benchmarks and tests build the same few presets many times."""
+    0.1 s, and benchmarks and tests build the same few presets many times. Without the recipe
+    (``~recipe``): the data set's images as ``conf/dataset`` gives them."""
     from omegaconf import OmegaConf
 
     from scalelong.config import compose
 
-    return OmegaConf.to_container(compose([f"model={preset}", f"dataset={dataset}"]).model, resolve=True)
+    return OmegaConf.to_container(compose([f"model={preset}", f"dataset={dataset}", "~recipe"]).model, resolve=True)
 
 
 def from_preset(preset: str, dataset: str | None = None, scaling: Any = "none", **overrides: Any) -> nn.Module:
