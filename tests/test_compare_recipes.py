@@ -38,7 +38,8 @@ def test_the_compared_recipes_compose_to_what_they_were():
     # the recipe of 2026-12-06 is that one at 1,000 steps (recipe=digits16); today's is the 8x8 screen
     # at 1,500 steps.
     dec05, screen = compose(script.RECIPES["2026-12-05 (400 steps)"]), compose(script.RECIPES["cosine 400, clip 1"])
-    longer, dec06 = compose(script.RECIPES["2026-12-05, 1000 steps"]), compose(script.RECIPES["2026-12-06 (16x16, 1000 steps)"])
+    longer = compose(script.RECIPES["2026-12-05, 1000 steps"])
+    dec06 = compose(script.RECIPES["2026-12-06 (16x16, 1000 steps)"])
     digits16 = compose(["recipe=digits16"])
     eight, current = compose(script.RECIPES["8x8, 1500 steps"]), compose([])
     for cfg in (dec05, screen, longer, dec06, digits16, eight, current):
