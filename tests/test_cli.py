@@ -25,6 +25,9 @@ BAD_SCALING = [
                                              "set model.patch_size"),
     (["dataset.image_size=0"], "diffusion.snr_shift: image sizes must be positive, got 0 and 16; "
                                "set diffusion.snr_shift"),
+    # the 16x16 preset on the quickstart's 8x8 digits: 2 x 2 patches of 4 and the time token
+    (["model=uvit_tiny", "scaling=learnable"], "the token gate needs at least 16 tokens (got 5); use smaller patches "
+                                               "(model.patch_size) for more tokens, or scaling.gate=channel"),
 ]
 
 

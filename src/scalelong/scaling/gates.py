@@ -25,8 +25,8 @@ class TokenGate(nn.Module):
         hidden = num_tokens // reduction
         if hidden < 1:
             raise ScalingConfigError(
-                f"the token gate needs at least {reduction} tokens (got {num_tokens}); "
-                "use scaling.gate=channel for such small models"
+                f"the token gate needs at least {reduction} tokens (got {num_tokens}); use smaller patches "
+                "(model.patch_size) for more tokens, or scaling.gate=channel for such small models"
             )
         self.layer1 = nn.Linear(num_tokens, hidden)
         self.layer2 = nn.Linear(hidden, num_tokens)
