@@ -225,7 +225,7 @@ def test_every_train_command_of_the_readme_runs(tmp_path):
     assert len(runs) == 1 and runs[0].name.endswith("_digits_unet_none"), runs
     assert (runs[0] / "checkpoints" / "last.ckpt").is_file() and (runs[0] / "config.yaml").is_file()
     quick = json.loads((runs[0] / "quick_eval.json").read_text())
-    assert quick["num"] == 8
+    assert quick["num"] == 8 and (quick["drawn_size"], quick["size"]) == (8, 16)  # drawn at 8x8, scored at 16x16
     # ... and the samples' legibility beside the real digits', printed and saved, per sample too.
     assert re.search(r"Legibility: \d of 8 samples read as a digit .* \(real digits 0\.\d\d, ", driver.stdout)
     readable = quick["legibility"]

@@ -40,6 +40,8 @@ def quick_eval(module, data, quick: Mapping[str, Any], sample: Mapping[str, Any]
     cache = _quick_reference(data.dataset_cfg["name"], num, size)
     result = quick_kid_fid(model, reference, num=num, sampler=sample["sampler"], steps=int(sample["steps"]),
                            extractor=extractor, on_chunk=on_chunk, reference_cache=cache)
+    # the size the samples were scored and shown at, and the size the network drew them at
+    result["size"], result["drawn_size"] = size, int(data.dataset_cfg.get("image_size") or size)
     shares = all_gather_object(kept) if quick.get("grid") else []  # collective: on every rank
     metrics = {"eval/quick_kid": float(result["kid"]), "eval/quick_fid": float(result["fid"])}
     if reader is not None:  # the same on every rank
