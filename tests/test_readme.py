@@ -21,9 +21,10 @@ import re
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from conftest import ROOT, compose
+from conftest import ROOT, compose, load_script
 from warm_python import run_warm
 from PIL import Image
 from test_extension import MODULE  # the README's example strategy, as the extension test writes it
@@ -274,3 +275,11 @@ def test_every_train_command_of_the_readme_runs(tmp_path):
     assert [p.name for p in (folder / "samples").iterdir()] == ["final.png"]
     with Image.open(folder / "samples" / "final.png") as final:
         assert final.size == grid_image(torch.zeros(8, 1, 16, 16, dtype=torch.uint8)).size
+    # sample.py on its checkpoint: the samples as the network drew them (8x8), their grid as the
+    # run's final.png shows them (16x16, quick_eval.size)
+    out = work / "sampled" / "s"
+    assert load_script("sample").main([str(folder / "checkpoints" / "last.ckpt"), "--num", "4", "--steps", "2",
+                                       "--device", "cpu", "--out", str(out)]) == 0
+    assert np.load(out.with_suffix(".npz"))["samples"].shape == (4, 8, 8, 1)
+    with Image.open(out.with_suffix(".png")) as grid:
+        assert grid.size == grid_image(torch.zeros(4, 1, 16, 16, dtype=torch.uint8)).size

@@ -15,7 +15,9 @@ PNG and an ``.npz`` of uint8 images.
     scalelong-sample outputs/runs/<run>/checkpoints/last.ckpt --sampler dpm_solver --steps 50 --num 100
 
 Writes ``<run>/samples/<sampler>_<steps>steps_<num>.png`` and ``.npz`` (key ``samples``:
-N x H x W x C uint8), unless ``--out`` names another path (its suffix is replaced).
+N x H x W x C uint8), unless ``--out`` names another path (its suffix is replaced). The ``.npz``
+holds the samples as the network drew them; the grid shows them as the run's end did, resized to
+its ``quick_eval.size`` where it set one (the quickstart's 8x8 digits as 16x16 ones).
 
 Text-to-image checkpoints (MS-COCO) condition sample i on a caption of a random image of the
 features' val split, as evaluation does (``--contexts``, default the checkpoint's
@@ -65,6 +67,7 @@ def main(argv=None) -> int:
     import torch
 
     from scalelong.cli import fail, skip_the_last_collection
+    from scalelong.data.images import resize_uint8
     from scalelong.utils.errors import ConfigError
     from scalelong.utils.io import atomic_write, grid_image
     from scalelong.metrics.evaluation import caption_contexts
@@ -106,6 +109,10 @@ def main(argv=None) -> int:
     out = args.out or (args.checkpoint.resolve().parent.parent / "samples"
                        / f"{args.sampler}_{args.steps}steps_{args.num}{suffix}")
     png, npz = out.with_suffix(".png"), out.with_suffix(".npz")
+    shown = images[:min(args.num, 400)]
+    shown_size = (model.config.get("quick_eval") or {}).get("size")
+    if shown_size:  # as the run's final.png showed them
+        shown = resize_uint8(shown, int(shown_size))
     try:  # a full disk or an unwritable folder: one line (OutputError), the previous files intact
         # The samples are written whole (flushed) before the grid, and the grid replaces its old
         # version before the samples do: a failed write leaves the previous pair, not a new grid
@@ -114,7 +121,7 @@ def main(argv=None) -> int:
             np.savez(npz_file, samples=images.permute(0, 2, 3, 1).numpy())
             npz_file.flush()
             with atomic_write(png) as png_file:
-                grid_image(images[:min(args.num, 400)]).save(png_file, format="PNG")
+                grid_image(shown).save(png_file, format="PNG")
     except ConfigError as err:
         fail(str(err))
     print(f"{args.num} samples in {took:.1f}s ({args.num / took:.1f} img/s, network in {precision}) -> {png}, {npz}")
