@@ -23,6 +23,7 @@ from scalelong.data import load_digits_images
 from scalelong.metrics import inception as inc
 from scalelong.metrics.features import extract_features
 from scalelong.metrics.frechet import frechet_distance, kernel_inception_distance, mean_and_cov
+from scalelong.utils.io import grid_image
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,7 +96,8 @@ def test_make_fid_stats_and_evaluate_end_to_end(inception, tmp_path, monkeypatch
     import evaluate
     import make_fid_stats
 
-    cfg = compose(["experiment=smoke", "logger=none"], tmp_path / "run")
+    # a run that scores and shows its samples at 16x16 at the end, as the quickstart does
+    cfg = compose(["experiment=smoke", "logger=none", "quick_eval={num: 2, grid: false, size: 16}"], tmp_path / "run")
     size = cfg["dataset"]["image_size"]  # the reference is composed as training is: the same size
     out = train(cfg)
     weights = str(inception.weights.path)
@@ -116,4 +118,5 @@ def test_make_fid_stats_and_evaluate_end_to_end(inception, tmp_path, monkeypatch
     assert report["checkpoint_step"] == 4 and report["checkpoint"] == str(Path(out["checkpoint"]).resolve())
     with np.load(folder / "samples_rank000.npz") as z:
         assert z["samples"].shape == (6, size, size, 1) and z["indices"].tolist() == list(range(6))
-    assert (folder / "grid.png").is_file()
+    with Image.open(folder / "grid.png") as grid:  # shown as the run's end showed them: 16x16
+        assert size == 8 and grid.size == grid_image(torch.zeros(6, 1, 16, 16, dtype=torch.uint8)).size

@@ -25,7 +25,8 @@ chunk). Features are reduced as float64 sums; images never leave their process.
 
 Output folder (``--out``, default ``<run>/eval/<checkpoint>_<sampler>_<steps>steps_<num>``):
 ``samples_rank000.npz`` ... (keys ``indices`` and ``samples``: N x H x W x C uint8), ``grid.png``
-(up to 100 of rank 0's samples) and ``fid.json``: the value (``fid``, also as ``value``), kid,
+(up to 100 of rank 0's samples, shown as the run's final.png showed them: at its
+``quick_eval.size`` where it set one) and ``fid.json``: the value (``fid``, also as ``value``), kid,
 sample count, sampler and steps, guidance scale, mode, the reference statistics file and its
 sha1, the Inception weights' sha1, the checkpoint and its step.
 
@@ -166,6 +167,7 @@ def evaluate_once(args: argparse.Namespace, model, evaluate, guidance, folder: P
     import torch
 
     from scalelong.utils.distributed import barrier, rank_and_world
+    from scalelong.training.end_of_run import as_shown_at_end
     from scalelong.utils.io import save_image_grid, save_npz, write_text
 
     rank, world = rank_and_world()
@@ -191,7 +193,7 @@ def evaluate_once(args: argparse.Namespace, model, evaluate, guidance, folder: P
         return None
     first = torch.cat([x for _, x in kept])[:100] if kept else None
     if first is not None:
-        save_image_grid(first, folder / "grid.png")
+        save_image_grid(as_shown_at_end(first, model.config), folder / "grid.png")
     num_skips = getattr(getattr(model.ema_net, "skip_scaling", None), "num_skips", 0) or 0
     report = {
         "metric": "FID", "value": result["fid"], "fid": result["fid"],

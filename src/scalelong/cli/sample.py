@@ -67,7 +67,6 @@ def main(argv=None) -> int:
     import torch
 
     from scalelong.cli import fail, skip_the_last_collection
-    from scalelong.data.images import resize_uint8
     from scalelong.utils.errors import ConfigError
     from scalelong.utils.io import atomic_write, grid_image
     from scalelong.metrics.evaluation import caption_contexts
@@ -75,6 +74,7 @@ def main(argv=None) -> int:
     from scalelong.models.compile import compile_for_sampling
     from scalelong.precision import sampling_precision
     from scalelong.scaling.sampling_time import parse_skip_scale
+    from scalelong.training.end_of_run import as_shown_at_end
 
     skip_the_last_collection()
     if args.num < 1 or args.steps < 1:
@@ -109,10 +109,7 @@ def main(argv=None) -> int:
     out = args.out or (args.checkpoint.resolve().parent.parent / "samples"
                        / f"{args.sampler}_{args.steps}steps_{args.num}{suffix}")
     png, npz = out.with_suffix(".png"), out.with_suffix(".npz")
-    shown = images[:min(args.num, 400)]
-    shown_size = (model.config.get("quick_eval") or {}).get("size")
-    if shown_size:  # as the run's final.png showed them
-        shown = resize_uint8(shown, int(shown_size))
+    shown = as_shown_at_end(images[:min(args.num, 400)], model.config)
     try:  # a full disk or an unwritable folder: one line (OutputError), the previous files intact
         # The samples are written whole (flushed) before the grid, and the grid replaces its old
         # version before the samples do: a failed write leaves the previous pair, not a new grid

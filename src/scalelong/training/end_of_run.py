@@ -68,6 +68,16 @@ def quick_eval_size(quick: Mapping[str, Any], dataset_cfg: Mapping[str, Any]) ->
     return int(quick.get("size") or dataset_cfg.get("image_size") or 0)
 
 
+def as_shown_at_end(images, config: Mapping[str, Any]):
+    """uint8 samples (N, C, H, W) as the run's end showed them in samples/final.png: resized to its
+    ``quick_eval.size`` where it set one (the quickstart's 8x8 digits as 16x16), else as drawn.
+    For the grids of sample.py and evaluate.py; their .npz files keep the samples as drawn."""
+    from scalelong.data.images import resize_uint8
+
+    size = (config.get("quick_eval") or {}).get("size")
+    return resize_uint8(images, int(size)) if size else images
+
+
 class _DrawnResized:
     """A model whose samples come resized to ``size`` (``resize_uint8``): the digits drawn at their
     native 8x8 are scored, read and shown as the data set's 16x16 digits (``quick_eval.size``)."""
