@@ -166,8 +166,8 @@ def evaluate_once(args: argparse.Namespace, model, evaluate, guidance, folder: P
     import numpy as np
     import torch
 
-    from scalelong.utils.distributed import barrier, rank_and_world
     from scalelong.training.end_of_run import as_shown_at_end
+    from scalelong.utils.distributed import barrier, rank_and_world
     from scalelong.utils.io import save_image_grid, save_npz, write_text
 
     rank, world = rank_and_world()

@@ -25,8 +25,9 @@ def quick_eval(module, data, quick: Mapping[str, Any], sample: Mapping[str, Any]
 
     num = int(quick["num"])
     size = quick_eval_size(quick, data.dataset_cfg)
+    drawn = int(data.dataset_cfg.get("image_size") or size)  # the size the network draws at
     model, reference = module.model, data.data
-    if size != int(data.dataset_cfg.get("image_size") or size):  # drawn at another size than scored
+    if size != drawn:  # drawn at another size than scored
         model, reference = _DrawnResized(module.model, size), _reference_at(data, size)
     kept: list = []  # (sample indices, images) of this rank's share
     reader = _digit_reader(data.dataset_cfg, size)
@@ -40,8 +41,7 @@ def quick_eval(module, data, quick: Mapping[str, Any], sample: Mapping[str, Any]
     cache = _quick_reference(data.dataset_cfg["name"], num, size)
     result = quick_kid_fid(model, reference, num=num, sampler=sample["sampler"], steps=int(sample["steps"]),
                            extractor=extractor, on_chunk=on_chunk, reference_cache=cache)
-    # the size the samples were scored and shown at, and the size the network drew them at
-    result["size"], result["drawn_size"] = size, int(data.dataset_cfg.get("image_size") or size)
+    result["size"], result["drawn_size"] = size, drawn  # scored and shown at, drawn at
     shares = all_gather_object(kept) if quick.get("grid") else []  # collective: on every rank
     metrics = {"eval/quick_kid": float(result["kid"]), "eval/quick_fid": float(result["fid"])}
     if reader is not None:  # the same on every rank
