@@ -5,9 +5,12 @@ paper job's hours follow from the measured figures. The GPU figures are for docs
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import zipfile
 
 import pytest
-from conftest import load_script
+from conftest import ROOT, load_script
 
 
 def test_toy_run_measures_train_py_and_sample_py_and_writes_json_and_markdown(tmp_path):
@@ -75,3 +78,70 @@ def test_the_issues_figures_give_its_sixteen_hours_and_the_targets_it_misses():
         (None, None),    # UNet gate, fp16: not measured, neither met nor missed
         (5.243, False),  # the bound's images/s (9700 / 50) / sample.py's 37
         (16.119, False)]  # hours of the paper job (8.611 + 7.508), against 6
+
+
+def _wheel(folder, dist: str, package: str, marker: str) -> None:
+    """A minimal py3-none-any wheel holding ``package/__init__.py`` with ``MARKER = marker``."""
+    info = f"{dist}-9.9.9.dist-info"
+    files = {f"{package}/__init__.py": f"MARKER = {marker!r}\n",
+             f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {dist}\nVersion: 9.9.9\n",
+             f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    files[f"{info}/RECORD"] = "".join(f"{name},,\n" for name in [*files, f"{info}/RECORD"])
+    with zipfile.ZipFile(folder / f"{dist}-9.9.9-py3-none-any.whl", "w") as whl:
+        for name, text in files.items():
+            whl.writestr(name, text)
+
+
+# In the child: hydra and omegaconf can be imported only from .gpu_wheels/site once it is on the
+# path, as on the GPU machine, whose python has torch and Lightning but neither of them.
+ONLY_FROM_SITE = '''
+import importlib.abc, importlib.machinery, sys
+from pathlib import Path
+root = Path(sys.argv[1])
+site = str(root / ".gpu_wheels" / "site")
+class OnlyFromSite(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name not in ("hydra", "omegaconf"):
+            return None
+        sys.path_importer_cache.pop(site, None)  # the folder may have been made since the last look
+        spec = importlib.machinery.PathFinder.find_spec(name, [site]) if site in sys.path else None
+        if spec is None:
+            raise ImportError(f"no module named {name!r} (hidden, as on the GPU machine)")
+        return spec
+sys.meta_path.insert(0, OnlyFromSite())
+sys.path.insert(0, sys.argv[2])
+import bench_gpu
+bench_gpu.ensure_imports(root)
+import hydra, omegaconf, os
+print(hydra.MARKER, omegaconf.MARKER, site in os.environ["PYTHONPATH"].split(os.pathsep))
+'''
+
+
+def _child(root):
+    return subprocess.run([sys.executable, "-c", ONLY_FROM_SITE, str(root), str(ROOT / "scripts")],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_on_a_machine_without_hydra_the_carried_wheels_are_installed_and_used(tmp_path):
+    """What a GPU session relies on: `make gpu-wheels`'s wheels, carried as .gpu_wheels/, are
+    installed offline (pip --no-index) into .gpu_wheels/site and put on the path of this process
+    and of the stages it starts. Stand-in wheels keep the test offline."""
+    wheels = tmp_path / ".gpu_wheels"
+    wheels.mkdir()
+    _wheel(wheels, "hydra_core", "hydra", "carried hydra")
+    _wheel(wheels, "omegaconf", "omegaconf", "carried omegaconf")
+    first = _child(tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert "installing hydra_core-9.9.9-py3-none-any.whl, omegaconf-9.9.9-py3-none-any.whl" in first.stdout
+    assert first.stdout.splitlines()[-1] == "carried hydra carried omegaconf True"
+    second = _child(tmp_path)  # installed once: a second stage or a rerun uses the folder as it is
+    assert second.returncode == 0 and "installing" not in second.stdout
+    assert second.stdout.splitlines()[-1] == "carried hydra carried omegaconf True"
+
+
+def test_without_hydra_and_without_wheels_the_check_says_how_to_bring_them(tmp_path):
+    out = _child(tmp_path)
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines()[-1] == (
+        "error: hydra-core and omegaconf are missing and .gpu_wheels/ has no wheels; run `make gpu-wheels` on a "
+        "machine with PyPI and carry .gpu_wheels along")
