@@ -124,10 +124,22 @@ class PlainStep:
         self.ema.update(self.net)
 
 
-def build(backbone: str, preset: str, strategy: str, shape) -> nn.Module:
-    """``backbone:preset`` (the backbone is a label; ``conf/model/<preset>.yaml`` says the class)."""
+def build(backbone: str, preset: str, strategy: str, shape, **sizes: int) -> nn.Module:
+    """``backbone:preset`` (the backbone is a label; ``conf/model/<preset>.yaml`` says the class),
+    with ``sizes`` overriding the preset's (embed_dim=8, depth=1, ...)."""
     spec = {"name": strategy, "kappa": 0.5} if strategy == "constant" else {"name": strategy}
-    return from_preset(preset, scaling=spec, img_size=shape[1], in_chans=shape[0])
+    return from_preset(preset, scaling=spec, img_size=shape[1], in_chans=shape[0], **sizes)
+
+
+def lightning_model(text: str) -> tuple[str, str, dict[str, int]]:
+    """``--lightning-model``: ``backbone:preset`` or ``backbone:preset:key=value,...``, the last
+    shrinking the preset (a one-block, 8-wide U-ViT leaves the host's own work per step)."""
+    backbone, preset, *rest = text.split(":")
+    try:
+        sizes = {k: int(v) for k, v in (item.split("=") for item in rest[0].split(","))} if rest else {}
+    except ValueError:
+        raise SystemExit(f"--lightning-model {text!r}: write backbone:preset or backbone:preset:key=int,...") from None
+    return backbone, preset, sizes
 
 
 def default_shape(backbone: str, preset: str) -> tuple[int, int, int]:
@@ -246,7 +258,7 @@ def bench_lightning(args, device) -> list[dict]:
     from scalelong.data.module import DiffusionDataModule
     from scalelong.training.module import DiffusionModule
 
-    backbone, preset = args.lightning_model.split(":")
+    backbone, preset, sizes = lightning_model(args.lightning_model)
     shape = default_shape(backbone, preset)
     from scalelong.data.space import DataSpace
 
@@ -271,7 +283,7 @@ def bench_lightning(args, device) -> list[dict]:
             self.seconds = (time.perf_counter() - self.t0) / args.steps
 
     torch.manual_seed(0)
-    module = DiffusionModule(build(backbone, preset, "none", shape), get_sde("linear"), DataSpace.from_config(dataset),
+    module = DiffusionModule(build(backbone, preset, "none", shape, **sizes), get_sde("linear"), DataSpace.from_config(dataset),
                              functools.partial(torch.optim.AdamW, lr=2e-4, betas=(0.99, 0.999), weight_decay=0.03),
                              ema_decay=0.9999, channels_last=channels_last_for(backbone, device))
     data = DiffusionDataModule(dataset, args.batch, 0)
@@ -288,10 +300,11 @@ def bench_lightning(args, device) -> list[dict]:
     lightning = timer.seconds
 
     torch.manual_seed(0)
-    plain = timed_block(PlainStep(build(backbone, preset, "none", shape), shape, args.batch, device, args.precision,
-                            channels_last_for(backbone, device)),
-                  args.steps, args.warmup, device)
-    row = {"what": "lightning_vs_plain", "backbone": backbone, "preset": preset, "batch": args.batch,
+    net = build(backbone, preset, "none", shape, **sizes)
+    plain = timed_block(PlainStep(net, shape, args.batch, device, args.precision, channels_last_for(backbone, device)),
+                        args.steps, args.warmup, device)
+    row = {"what": "lightning_vs_plain", "backbone": backbone, "preset": preset, "sizes": sizes,
+           "parameters": sum(p.numel() for p in net.parameters()), "batch": args.batch,
            "lightning_ms": 1000 * lightning, "plain_ms": 1000 * plain, "ratio_lightning_to_plain": lightning / plain}
     print(_fmt(row), flush=True)
     return [row]
@@ -342,9 +355,9 @@ def bench_compile(args, device) -> list[dict]:
 
 
 def bench_sampling(args, device) -> list[dict]:
-    backbone, preset = args.lightning_model.split(":")
+    backbone, preset, sizes = lightning_model(args.lightning_model)
     shape = default_shape(backbone, preset)
-    net = build(backbone, preset, "none", shape).to(device).eval()
+    net = build(backbone, preset, "none", shape, **sizes).to(device).eval()
     eps = NoisePredictor(net)
     x = torch.randn(args.sample_batch, *shape, device=device)
     t = torch.full((args.sample_batch,), 0.5, device=device)
@@ -416,7 +429,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--models", default="uvit:uvit_s2_32,unet:ddpm_cifar10", help="backbone:preset,...")
     p.add_argument("--strategies", default="none,learnable,learnable_nonshared")
-    p.add_argument("--lightning-model", default="uvit:uvit_s2_32")
+    p.add_argument("--lightning-model", default="uvit:uvit_s2_32",
+                   help="backbone:preset[:key=int,...] of the Lightning-vs-plain and sampling parts")
     p.add_argument("--reference-preset", default="uvit_s2_32")
     p.add_argument("--sample-batch", type=int, default=16)
     p.add_argument("--steps", type=int, default=5)

@@ -10,13 +10,15 @@ import pytest
 import torch
 from conftest import load_script
 
+from scalelong.models import from_preset
+
 
 def test_every_part_of_the_benchmark_on_tiny_models(tmp_path, quick_compile, capsys):
     out, out_compile = tmp_path / "bench.json", tmp_path / "bench_compile.json"
     benchmark = load_script("benchmark")
     code = benchmark.main([
         "--models", "uvit:uvit_tiny,unet:unet_tiny", "--strategies", "none,learnable", "--batch", "2",
-        "--steps", "1", "--warmup", "1", "--lightning-model", "uvit:uvit_tiny", "--reference-preset", "uvit_tiny",
+        "--steps", "1", "--warmup", "1", "--lightning-model", "uvit:uvit_tiny:embed_dim=8,depth=1,num_heads=1", "--reference-preset", "uvit_tiny",
         "--sample-batch", "2", "--only", "train,reference,lightning,sampling,data", "--out", str(out)])
     assert code == 0
     # The compile part on the UNet only: each backbone's tracing costs about 7 CPU-seconds, and the
@@ -39,6 +41,10 @@ def test_every_part_of_the_benchmark_on_tiny_models(tmp_path, quick_compile, cap
     assert ref["ratio_ours_to_reference"] == pytest.approx(ref["ours_ms"] / ref["reference_ms"])
     (light,) = rows["lightning_vs_plain"]
     assert light["ratio_lightning_to_plain"] == pytest.approx(light["lightning_ms"] / light["plain_ms"])
+    # the preset shrunk as asked (what leaves the host's own work per step)
+    shrunk = from_preset("uvit_tiny", embed_dim=8, depth=1, num_heads=1)
+    assert light["sizes"] == {"embed_dim": 8, "depth": 1, "num_heads": 1}
+    assert light["parameters"] == sum(p.numel() for p in shrunk.parameters()) < 5_000
     compiled = rows["compile"]
     assert [r["backbone"] for r in compiled] == ["unet"]
     for r in compiled:  # outputs that are not all zero (zero-initialised heads), matching eager
@@ -55,6 +61,13 @@ def test_every_part_of_the_benchmark_on_tiny_models(tmp_path, quick_compile, cap
     assert "| compile |" in out_compile.with_suffix(".md").read_text()
     printed = capsys.readouterr().out
     assert f"wrote {out}" in printed and f"wrote {out_compile}" in printed
+
+
+def test_a_lightning_model_spec_that_does_not_parse_says_how_to_write_it():
+    benchmark = load_script("benchmark")
+    assert benchmark.lightning_model("uvit:uvit_tiny") == ("uvit", "uvit_tiny", {})
+    with pytest.raises(SystemExit, match="write backbone:preset or backbone:preset:key=int"):
+        benchmark.lightning_model("uvit:uvit_tiny:depth=one")
 
 
 def test_gate_ratios_are_taken_per_round():
