@@ -132,7 +132,7 @@ def test_several_processes_agree_on_a_stop_about_every_stop_check_seconds(monkey
 
     def all_reduce(votes, *args, **kwargs):  # this rank's votes plus the other's (same step time)
         agreed_at.append(trainer.global_step)
-        votes += torch.tensor([int(other_requests["flag"]), int(votes[1])])
+        votes += torch.tensor([int(other_requests["flag"]), int(votes[1]), 0])
 
     monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
     saves = []
@@ -153,6 +153,91 @@ def test_several_processes_agree_on_a_stop_about_every_stop_check_seconds(monkey
         checkpoint.on_exception(trainer, None, None)
     assert agreed_at == [1, 11, 21]
     assert trainer.global_step == 21 and saves == [(21, "last.ckpt")]
+
+
+class RequeuedTask:
+    """A job callable as Hydra's submitit launcher submits it: checkpointable by resubmission."""
+
+    def __call__(self):
+        return None
+
+    def checkpoint(self, *args, **kwargs):
+        from submitit.helpers import DelayedSubmission
+
+        return DelayedSubmission(self, *args, **kwargs)
+
+
+@pytest.fixture
+def submitit_requeue(tmp_path):
+    """submitit's own handler of its requeue signal (SIGUSR2), installed as a submitit job does at
+    its start, for a job of rank 0 with a 60-minute limit and 3 requeues left. ``probe.requeued``
+    lists, for each requeue, what ``probe.at_requeue()`` saw at that moment (by default the step of
+    ``<tmp_path>/run``'s last.ckpt, None without one); the handler then exits, as in a job
+    (SystemExit -1)."""
+    import types
+
+    from submitit.core.job_environment import SignalHandler
+    from submitit.helpers import DelayedSubmission
+
+    def saved_step():
+        last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+        return torch.load(last, weights_only=False)["global_step"] if last.exists() else None
+
+    probe = types.SimpleNamespace(requeued=[], at_requeue=saved_step)
+    env = types.SimpleNamespace(global_rank=0, _requeue=lambda countdown: probe.requeued.append(probe.at_requeue()))
+    delayed = DelayedSubmission(RequeuedTask())
+    delayed.set_timeout(60, 3)
+    handler = SignalHandler(env, types.SimpleNamespace(submitted_pickle=tmp_path / "submitted.pkl"), delayed)
+    previous = signal.signal(signal.SIGUSR2, handler.checkpoint_and_try_requeue)
+    try:
+        yield probe
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+
+
+def test_submitits_requeue_signal_saves_the_step_before_the_job_is_requeued(tmp_path, monkeypatch, submitit_requeue):
+    """SIGUSR2 under submitit (time limit near): the run finishes its step and saves last.ckpt,
+    then submitit requeues the job and exits. Before, its handler requeued and exited at once, in
+    the middle of step 4, and the requeued job went back to the last periodic save (none here)."""
+    def signal_at_step_4(self, batch, batch_idx):
+        if self.global_step == 4:
+            os.kill(os.getpid(), signal.SIGUSR2)
+
+    monkeypatch.setattr(DiffusionModule, "on_train_batch_start", signal_at_step_4, raising=False)
+    with pytest.raises(SystemExit) as stopped:
+        train(compose([*LONG, "train.max_steps=10000", "checkpoint.every_n_steps=1000"], tmp_path / "run"))
+    assert stopped.value.code == -1  # submitit's exit after the requeue, not our "stopped by a signal"
+    assert submitit_requeue.requeued == [5]  # requeued once, with step 5 (the signal's step done) saved
+    assert (tmp_path / "submitted.pkl").exists()  # what the requeued job runs: the same task
+    assert signal.getsignal(signal.SIGUSR2).__name__ == "checkpoint_and_try_requeue"  # submitit's again
+
+
+def test_a_requeue_signal_on_another_rank_hands_over_after_the_agreed_save(monkeypatch, submitit_requeue):
+    """Two ranks (the other simulated inside the all-reduce): submitit's SIGUSR2 reaches only the
+    other rank; at the next agreement both stop, save, and this rank hands over to its submitit
+    handler too (on rank 0 it is the one that requeues)."""
+    import types
+
+    from scalelong.training import callbacks
+
+    def all_reduce(votes, *args, **kwargs):  # the other rank asks for the stop, from the requeue signal
+        votes += torch.tensor([1, int(votes[1]), 1])
+
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    saves = []
+    trainer = types.SimpleNamespace(
+        world_size=2, global_step=0, strategy=types.SimpleNamespace(root_device=torch.device("cpu")),
+        fit_loop=types.SimpleNamespace(epoch_loop=types.SimpleNamespace()),
+        save_checkpoint=lambda path, **kw: saves.append((trainer.global_step, Path(path).name)))
+    checkpoint = callbacks.PeriodicCheckpoint("ckpts", every_n_steps=0, stop_check_seconds=1.0)
+    submitit_requeue.at_requeue = lambda: list(saves)
+    checkpoint.on_train_start(trainer, None)
+    assert signal.getsignal(signal.SIGUSR2) == checkpoint._request_requeue
+    trainer.global_step = 1
+    with pytest.raises(SystemExit):
+        checkpoint.on_train_batch_end(trainer, None, None, None, 0)
+    assert submitit_requeue.requeued == [[(1, "last.ckpt")]]  # requeued once, after the save
+    assert signal.getsignal(signal.SIGUSR2).__name__ == "checkpoint_and_try_requeue"
 
 
 def test_nonfinite_steps_are_skipped_and_counted(tmp_path, monkeypatch):

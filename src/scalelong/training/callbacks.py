@@ -137,7 +137,11 @@ class PeriodicCheckpoint(pl.Callback):
 
     Pre-emption: on SIGTERM or SIGUSR1 (unless a cluster handler such as Lightning's SLURM
     requeue owns SIGUSR1), ``last.ckpt`` is saved after the current step and the run stops with
-    ``SIGTERMException``, ready to be resumed.
+    ``SIGTERMException``, ready to be resumed. submitit's requeue signal (SIGUSR2 unless
+    ``SUBMITIT_PREEMPT_SIGNAL`` says otherwise; sent before a time limit) is taken the same way,
+    and once ``last.ckpt`` is saved it is handed to submitit's handler, which requeues the job from
+    rank 0 and exits there: without this, that handler would requeue and exit at once, in the
+    middle of a step, and the requeued job would lose the steps since the last periodic save.
 
     The periodic saves depend on the step alone, the same on every rank. A signal does not: it
     may reach one rank only, or the ranks at different steps, so the processes of a multi-process
@@ -151,6 +155,9 @@ class PeriodicCheckpoint(pl.Callback):
     """
 
     MAX_STEPS_BETWEEN_AGREEMENTS = 10_000
+    # Set by the signal handlers and the agreement (on_train_start resets them).
+    _stop_requested = _requeue_requested = _hand_over = False
+    _requeue = None  # (signal, submitit's requeue handler), handed over after the stop's save
 
     def __init__(self, dirpath: str | Path, every_n_steps: int, keep_every_n_steps: int | None = None,
                  stop_check_seconds: float = 1.0):
@@ -171,7 +178,8 @@ class PeriodicCheckpoint(pl.Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         # Replace Lightning's SIGTERM handler (it would stop the loop at a point of its own,
         # possibly before this callback has saved) with a flag read once per step, here.
-        self._stop_requested = False
+        self._stop_requested = self._requeue_requested = self._hand_over = False
+        self._requeue = None
         self._previous_handlers = {}
         self._next_agreement = trainer.global_step + 1
         self._last_agreement = (time.perf_counter(), trainer.global_step)
@@ -179,14 +187,20 @@ class PeriodicCheckpoint(pl.Callback):
             _skip_lightnings_sigterm_broadcast(trainer)
         if threading.current_thread() is not threading.main_thread():
             return
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
             current = signal.getsignal(sig)
-            if sig == signal.SIGUSR1 and current not in (signal.SIG_DFL, None):
-                continue  # a cluster handler (Lightning's SLURM requeue, submitit) owns it
-            self._previous_handlers[sig] = signal.signal(sig, self._request_stop)
+            if _is_submitit_requeue(current):
+                self._requeue = (sig, current)
+                self._previous_handlers[sig] = signal.signal(sig, self._request_requeue)
+            elif sig == signal.SIGTERM or (sig == signal.SIGUSR1 and current in (signal.SIG_DFL, None)):
+                self._previous_handlers[sig] = signal.signal(sig, self._request_stop)
+            # else: SIGUSR1 owned by another cluster handler (Lightning's SLURM requeue), or SIGUSR2
 
     def _request_stop(self, signum, frame) -> None:
         self._stop_requested = True
+
+    def _request_requeue(self, signum, frame) -> None:
+        self._stop_requested = self._requeue_requested = True
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
@@ -197,23 +211,30 @@ class PeriodicCheckpoint(pl.Callback):
         if self._stop_agreed(trainer, step):
             if self._saved_step != step:
                 self._save_last(trainer)
+            if self._hand_over and self._requeue is not None:
+                sig, handler = self._requeue
+                self._restore_handlers(trainer)
+                handler(sig, None)  # submitit: requeues and exits on rank 0, returns on the others
             raise SIGTERMException()
 
     def _stop_agreed(self, trainer, step: int) -> bool:
         """Whether the run stops after this step: this process's flag alone, or, with several
-        processes, any rank's flag at the steps where they agree (False in between)."""
-        requested = getattr(self, "_stop_requested", False)
+        processes, any rank's flag at the steps where they agree (False in between). With it,
+        ``_hand_over``: whether the stop came from submitit's requeue signal on any rank."""
+        requested = self._stop_requested
         if trainer.world_size == 1:
+            self._hand_over = self._requeue_requested
             return requested
         if step < getattr(self, "_next_agreement", step):
             return False
         now = time.perf_counter()
         since, since_step = self._last_agreement
         # Whole microseconds: every rank computes the next interval from the same integers.
-        votes = torch.tensor([int(requested), round((now - since) * 1e6)], dtype=torch.int64,
-                             device=trainer.strategy.root_device)
+        votes = torch.tensor([int(requested), round((now - since) * 1e6), int(self._requeue_requested)],
+                             dtype=torch.int64, device=trainer.strategy.root_device)
         torch.distributed.all_reduce(votes)
-        stops, total_us = votes.tolist()
+        stops, total_us, requeues = votes.tolist()
+        self._hand_over = requeues > 0
         us_per_step = total_us / trainer.world_size / max(1, step - since_step)
         interval = int(self.stop_check_seconds * 1e6 / max(us_per_step, 1.0))
         self._next_agreement = step + min(max(1, interval), self.MAX_STEPS_BETWEEN_AGREEMENTS)
@@ -233,6 +254,13 @@ class PeriodicCheckpoint(pl.Callback):
             signal.signal(sig, handler)
         self._previous_handlers = {}
         vars(trainer.fit_loop.epoch_loop).pop("_broadcast_sigterm_tensor", None)
+
+
+def _is_submitit_requeue(handler) -> bool:
+    """Whether ``handler`` is submitit's handler of its requeue signal (it checkpoints the job's
+    callable, requeues the job and exits; its SIGTERM handler only logs and is not this)."""
+    return (callable(handler) and str(getattr(handler, "__module__", "")).startswith("submitit")
+            and getattr(handler, "__name__", "") in ("checkpoint_and_try_requeue", "checkpoint_and_exit"))
 
 
 def _skip_lightnings_sigterm_broadcast(trainer) -> None:
