@@ -212,6 +212,36 @@ def test_submitits_requeue_signal_saves_the_step_before_the_job_is_requeued(tmp_
     assert signal.getsignal(signal.SIGUSR2).__name__ == "checkpoint_and_try_requeue"  # submitit's again
 
 
+def test_lightnings_slurm_requeue_under_srun_comes_after_the_steps_save(tmp_path, monkeypatch):
+    """Plain srun (no submitit): Lightning's SLURM auto-requeue owns SIGUSR1. The run finishes its
+    step and saves last.ckpt, then Lightning saves its hpc checkpoint and calls `scontrol requeue`
+    (a stand-in here that lists the checkpoints it sees), and the run stops. Before, Lightning
+    requeued in the middle of step 4 with no last.ckpt and an hpc checkpoint of step 4, and
+    training went on."""
+    for key, value in {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1",
+                       "SLURM_JOB_NAME": "train", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
+                       "SLURM_NODELIST": "localhost"}.items():
+        monkeypatch.setenv(key, value)
+    run, log = tmp_path / "run", tmp_path / "scontrol.log"
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {log}\nls {run}/checkpoints >> {log}\n')
+    (tmp_path / "bin" / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+
+    def signal_at_step_4(self, batch, batch_idx):
+        if self.global_step == 4:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    monkeypatch.setattr(DiffusionModule, "on_train_batch_start", signal_at_step_4, raising=False)
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+    with pytest.raises(SIGTERMException):
+        train(compose([*LONG, "train.max_steps=8", "checkpoint.every_n_steps=1000"], run))
+    assert log.read_text().split() == ["requeue", "4242", "last.ckpt"]  # requeued once, last.ckpt there
+    steps = {p.name: torch.load(p, weights_only=False)["global_step"] for p in run.rglob("*.ckpt")}
+    assert steps == {"last.ckpt": 5, "hpc_ckpt_1.ckpt": 5}
+
+
 def test_a_requeue_signal_on_another_rank_hands_over_after_the_agreed_save(monkeypatch, submitit_requeue):
     """Two ranks (the other simulated inside the all-reduce): submitit's SIGUSR2 reaches only the
     other rank; at the next agreement both stop, save, and this rank hands over to its submitit

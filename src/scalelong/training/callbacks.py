@@ -137,11 +137,13 @@ class PeriodicCheckpoint(pl.Callback):
 
     Pre-emption: on SIGTERM or SIGUSR1 (unless a cluster handler such as Lightning's SLURM
     requeue owns SIGUSR1), ``last.ckpt`` is saved after the current step and the run stops with
-    ``SIGTERMException``, ready to be resumed. submitit's requeue signal (SIGUSR2 unless
-    ``SUBMITIT_PREEMPT_SIGNAL`` says otherwise; sent before a time limit) is taken the same way,
-    and once ``last.ckpt`` is saved it is handed to submitit's handler, which requeues the job from
-    rank 0 and exits there: without this, that handler would requeue and exit at once, in the
-    middle of a step, and the requeued job would lose the steps since the last periodic save.
+    ``SIGTERMException``, ready to be resumed. A cluster's requeue signal is taken the same way
+    and, once ``last.ckpt`` is saved, handed to the cluster's handler, which requeues the job:
+    submitit's (SIGUSR2 unless ``SUBMITIT_PREEMPT_SIGNAL`` says otherwise; it requeues from rank 0
+    and exits there) and Lightning's SLURM auto-requeue under plain ``srun`` (SIGUSR1; it saves its
+    own ``hpc_ckpt_N.ckpt`` and calls ``scontrol requeue``). Without this, either handler would act
+    at once, in the middle of a step, and the requeued job, which continues from ``last.ckpt``,
+    would lose the steps since the last periodic save.
 
     The periodic saves depend on the step alone, the same on every rank. A signal does not: it
     may reach one rank only, or the ranks at different steps, so the processes of a multi-process
@@ -189,12 +191,12 @@ class PeriodicCheckpoint(pl.Callback):
             return
         for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
             current = signal.getsignal(sig)
-            if _is_submitit_requeue(current):
+            if _is_cluster_requeue(current):
                 self._requeue = (sig, current)
                 self._previous_handlers[sig] = signal.signal(sig, self._request_requeue)
             elif sig == signal.SIGTERM or (sig == signal.SIGUSR1 and current in (signal.SIG_DFL, None)):
                 self._previous_handlers[sig] = signal.signal(sig, self._request_stop)
-            # else: SIGUSR1 owned by another cluster handler (Lightning's SLURM requeue), or SIGUSR2
+            # else: a handler of SIGUSR1 or SIGUSR2 that is not a cluster's requeue stays as it is
 
     def _request_stop(self, signum, frame) -> None:
         self._stop_requested = True
@@ -214,13 +216,13 @@ class PeriodicCheckpoint(pl.Callback):
             if self._hand_over and self._requeue is not None:
                 sig, handler = self._requeue
                 self._restore_handlers(trainer)
-                handler(sig, None)  # submitit: requeues and exits on rank 0, returns on the others
+                handler(sig, None)  # submitit: requeues and exits on rank 0; Lightning: saves, requeues
             raise SIGTERMException()
 
     def _stop_agreed(self, trainer, step: int) -> bool:
         """Whether the run stops after this step: this process's flag alone, or, with several
         processes, any rank's flag at the steps where they agree (False in between). With it,
-        ``_hand_over``: whether the stop came from submitit's requeue signal on any rank."""
+        ``_hand_over``: whether the stop came from a cluster's requeue signal on any rank."""
         requested = self._stop_requested
         if trainer.world_size == 1:
             self._hand_over = self._requeue_requested
@@ -256,11 +258,14 @@ class PeriodicCheckpoint(pl.Callback):
         vars(trainer.fit_loop.epoch_loop).pop("_broadcast_sigterm_tensor", None)
 
 
-def _is_submitit_requeue(handler) -> bool:
-    """Whether ``handler`` is submitit's handler of its requeue signal (it checkpoints the job's
-    callable, requeues the job and exits; its SIGTERM handler only logs and is not this)."""
-    return (callable(handler) and str(getattr(handler, "__module__", "")).startswith("submitit")
-            and getattr(handler, "__name__", "") in ("checkpoint_and_try_requeue", "checkpoint_and_exit"))
+def _is_cluster_requeue(handler) -> bool:
+    """Whether ``handler`` requeues the job: submitit's handler of its requeue signal (it
+    checkpoints the job's callable, requeues the job and exits; submitit's SIGTERM handler only
+    logs), or Lightning's SLURM auto-requeue (a ``_HandlersCompose`` of ``_slurm_sigusr_handler_fn``)."""
+    if str(getattr(handler, "__module__", "")).startswith("submitit"):
+        return getattr(handler, "__name__", "") in ("checkpoint_and_try_requeue", "checkpoint_and_exit")
+    parts = getattr(handler, "signal_handlers", None)
+    return isinstance(parts, list) and any(getattr(h, "__name__", "") == "_slurm_sigusr_handler_fn" for h in parts)
 
 
 def _skip_lightnings_sigterm_broadcast(trainer) -> None:
