@@ -291,7 +291,9 @@ def test_wandb_continues_under_the_run_id_after_a_kill(tmp_path):
     resumed = run_warm([ROOT / "train.py", *common, f"resume={run}"], cwd=tmp_path, env=wandb_env, timeout=240)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     offline_runs = sorted(p.name for p in (run / "wandb").glob("offline-run-*"))
-    assert len(offline_runs) == 2 and all(name.endswith(f"-{run_id}") for name in offline_runs), offline_runs
+    # offline-run-<start second>-<run id>; W&B adds "-1" when both runs start in the same second
+    named = re.compile(rf"offline-run-\d{{8}}_\d{{6}}-{re.escape(run_id)}(-\d+)?")
+    assert len(offline_runs) == 2 and all(named.fullmatch(name) for name in offline_runs), offline_runs
     # metrics.csv: the killed run's rows up to the kill, the resumed run's from step 2 on, read as one
     steps = read_metrics(run)["train/loss"][0].tolist()
     assert steps == [0, 1, 2, 3, 4, 5]
