@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from conftest import ROOT, compose
 from warm_python import WarmProcess, run_warm
 
@@ -87,6 +90,43 @@ def test_preemption_signal_saves_and_exits_cleanly(tmp_path, sig):
     # The same command (same folder) continues from there.
     resumed = train(compose([*LONG, f"train.max_steps={step + 2}"], run))
     assert resumed["trainer"].global_step == step + 2
+
+
+def test_runs_started_in_the_same_second_get_folders_of_their_own(tmp_path):
+    """`python train.py seed=1 & python train.py seed=2`: the default folder's name holds the
+    second a run started, the data set, model and strategy, so the two would share it and
+    overwrite each other's checkpoints and records. Each claims its folder before Hydra writes to
+    it: the second gets <name>_2. The name is pinned here through the resolver the default uses,
+    so that the two processes, started together (two interpreters of their own, as typed), surely
+    want the same one."""
+    pinned = "hydra.run.dir=${run_folder:null,runs/same}"
+    procs = [subprocess.Popen([sys.executable, ROOT / "train.py", *LONG, "train.max_steps=2", f"seed={seed}", pinned],
+                              cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for seed in (1, 2)]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-2000:]
+    folders = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert folders == ["same", "same_2"]
+    seeds = set()
+    for name in folders:
+        run = tmp_path / "runs" / name
+        seeds.add(OmegaConf.load(run / "config.yaml")["seed"])
+        assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
+        assert [p.name for p in (run / "csv").iterdir()] == ["version_0"]  # one run's log, not two
+    assert seeds == {1, 2}
+
+
+def test_a_run_resolves_its_claimed_folder_the_same_every_time(tmp_path, monkeypatch):
+    from scalelong import config
+
+    monkeypatch.setattr(config, "_CLAIMED", {})
+    first = config._run_folder(None, str(tmp_path / "runs" / "x"))
+    assert config._run_folder(None, str(tmp_path / "runs" / "x")) == first == str(tmp_path / "runs" / "x")
+    monkeypatch.setattr(config, "_CLAIMED", {})  # another process, wanting the same name
+    assert config._run_folder(None, str(tmp_path / "runs" / "x")) == str(tmp_path / "runs" / "x_2")
+    assert config._run_folder(str(tmp_path / "old"), str(tmp_path / "runs" / "y")) == str(tmp_path / "old")
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["x", "x_2"]  # resuming claims nothing
 
 
 def test_checkpoints_land_at_their_steps_with_no_collective(tmp_path, monkeypatch):

@@ -27,9 +27,35 @@ def conf_dir() -> Path:
 # --- resolvers --------------------------------------------------------------------------------
 
 
+_CLAIMED: dict[str, str] = {}  # a new run's folder name -> the folder this process claimed for it
+
+
 def _run_folder(resume: str | None, new_folder: str) -> str:
-    """hydra.run.dir: a resumed run continues in its own folder, a new one gets a new folder."""
-    return str(resume) if resume else new_folder
+    """hydra.run.dir: a resumed run continues in its own folder, a new one gets a new folder.
+
+    The new folder's name holds the second the run started, so two runs started in the same
+    second with the same data set, model and strategy (``python train.py seed=1 & python train.py
+    seed=2``) would share it and overwrite each other's checkpoints and records. So the folder is
+    claimed here, before Hydra writes to it, by creating it: ``new_folder``, else ``new_folder_2``,
+    ``_3``, ... for the runs that come second. Hydra's ``now`` is fixed within a process and this
+    answer is remembered, so resolving the key again gives the same folder."""
+    if resume:
+        return str(resume)
+    if new_folder not in _CLAIMED:
+        base = Path(new_folder)
+        base.parent.mkdir(parents=True, exist_ok=True)
+        for n in range(1, 10_000):
+            folder = base if n == 1 else base.with_name(f"{base.name}_{n}")
+            try:
+                folder.mkdir()
+            except FileExistsError:
+                continue
+            _CLAIMED[new_folder] = str(folder)
+            break
+        else:
+            raise ConfigError(f"{new_folder} and 9,998 numbered folders beside it exist already; give the run its "
+                              "own folder with hydra.run.dir=...")
+    return _CLAIMED[new_folder]
 
 
 def _label_classes(dataset: Mapping[str, Any]) -> int:
