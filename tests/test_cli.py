@@ -137,3 +137,19 @@ def test_an_output_folder_that_cannot_be_made_is_one_line(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         f"error: cannot create the run folder {blocker / 'run'}: {blocker} is a file, not a folder; "
         "choose another place with hydra.run.dir=..."]
+
+
+def test_a_runs_first_screen_holds_no_third_party_noise(tmp_path):
+    """What a run prints is what it does: no advert for Lightning's cloud logger, no deprecation
+    that Lightning 2.6 raises inside torch 2.14, no W&B warning about an `anonymous` setting
+    Lightning passes (all three were in the quickstart's first screen)."""
+    from warm_python import run_warm
+
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "false"}
+    out = run_warm([ROOT / "train.py", "experiment=smoke", "logger=wandb", "train.max_steps=2",
+                    f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, env=env, timeout=240)
+    assert out.returncode == 0, out.stderr[-2000:]
+    printed = out.stdout + out.stderr
+    assert "accelerator: cpu" in printed and "wandb: Run data is saved locally" in printed  # what it does stays
+    for noise in ("litlogger", "LeafSpec", "anonymous"):
+        assert noise not in printed, noise

@@ -3,6 +3,7 @@ every part from its own config node and train. The only place that sees the whol
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -234,6 +235,8 @@ def train(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
             # EMA.train keeps the average in eval mode on purpose; Lightning would count its
             # modules and warn that they are "in eval mode at the start of training".
             warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+        # Lightning 2.6's own use of a torch 2.14 deprecation, nothing a user can act on.
+        warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
         trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
@@ -352,16 +355,34 @@ def build_trainer(trainer_cfg: Mapping[str, Any], max_steps: int, loggers: list,
 
         plugins.append(MixedPrecision("16-mixed", "cpu"))
         precision = None
-    trainer = instantiate(
-        t, precision=precision, max_steps=max_steps, max_epochs=-1, logger=loggers or False,
-        callbacks=callbacks, plugins=plugins, default_root_dir=str(run_dir),
-        enable_checkpointing=False,  # PeriodicCheckpoint does it
-        enable_progress_bar=False,  # ProgressPrinter does it
-        use_distributed_sampler=False,  # StepBatchSampler shards the data itself
-        limit_val_batches=0, num_sanity_val_steps=0)
+    with _without_lightnings_advert():
+        trainer = instantiate(
+            t, precision=precision, max_steps=max_steps, max_epochs=-1, logger=loggers or False,
+            callbacks=callbacks, plugins=plugins, default_root_dir=str(run_dir),
+            enable_checkpointing=False,  # PeriodicCheckpoint does it
+            enable_progress_bar=False,  # ProgressPrinter does it
+            use_distributed_sampler=False,  # StepBatchSampler shards the data itself
+            limit_val_batches=0, num_sanity_val_steps=0)
     if trainer.is_global_zero:  # where it trains (trainer=auto chose), and how to use idle GPUs
         print(describe_accelerator(trainer_cfg), flush=True)
     return trainer
+
+
+@contextlib.contextmanager
+def _without_lightnings_advert():
+    """Lightning 2.6 prints a tip to install its cloud logger whenever a Trainer is made; a run's
+    first screen is for what the run does."""
+    import logging
+
+    def not_the_advert(record: logging.LogRecord) -> bool:
+        return "litlogger" not in str(record.msg)
+
+    log = logging.getLogger("pytorch_lightning.utilities.rank_zero")
+    log.addFilter(not_the_advert)
+    try:
+        yield
+    finally:
+        log.removeFilter(not_the_advert)
 
 
 def _only_the_ema_copy_in_eval_mode(module) -> bool:

@@ -54,6 +54,8 @@ def wandb_logger(project: str = "scalelong", entity: str | None = None, group: s
             # Online runs give up on an unreachable server after 30 s instead of the default 90 s.
             settings=wandb.Settings(init_timeout=30),
         )
+        # Lightning passes anonymous=None, which W&B 0.31 answers with a warning that it has no effect.
+        getattr(logger, "_wandb_init", {}).pop("anonymous", None)
         if rank_zero_only.rank == 0:
             logger.experiment  # start the W&B run now, where a failure can still be caught
         return logger
