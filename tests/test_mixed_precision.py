@@ -103,6 +103,8 @@ def test_a_nonfinite_loss_under_the_loss_scaler_is_still_divergence(tmp_path, in
         assert same != changed, step
 
 
+# The spy below replaces optimizer.step after the scheduler wrapped it, which torch notices.
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
 def test_clipping_acts_on_unscaled_gradients(tmp_path, init_scale):
     """With grad_clip, the gradients the (fused) optimizer steps with have that norm, unscaled."""
     init_scale(2.0**10)
