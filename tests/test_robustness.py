@@ -155,12 +155,23 @@ def test_checkpoints_land_at_their_steps_with_no_collective(tmp_path, monkeypatc
     assert collectives == []
 
 
+def two_rank_trainer():
+    """What PeriodicCheckpoint reads of a trainer of rank 0 in a world of 2 (the other rank lives in
+    the test's all-reduce), and the list of the (step, file) it saves."""
+    import types
+
+    saves = []
+    trainer = types.SimpleNamespace(
+        world_size=2, global_step=0, strategy=types.SimpleNamespace(root_device=torch.device("cpu")),
+        fit_loop=types.SimpleNamespace(epoch_loop=types.SimpleNamespace()),
+        save_checkpoint=lambda path, **kw: saves.append((trainer.global_step, Path(path).name)))
+    return trainer, saves
+
+
 def test_several_processes_agree_on_a_stop_about_every_stop_check_seconds(monkeypatch):
     """PeriodicCheckpoint with 2 ranks (the other one simulated inside the all-reduce) and steps
     of 0.1 s: the ranks agree after the first step, then every 1.0 s / 0.1 s = 10 steps; a signal
     that reaches only the other rank at step 13 stops both after step 21, with last.ckpt saved."""
-    import types
-
     from pytorch_lightning.utilities.exceptions import SIGTERMException
 
     from scalelong.training import callbacks
@@ -175,11 +186,7 @@ def test_several_processes_agree_on_a_stop_about_every_stop_check_seconds(monkey
         votes += torch.tensor([int(other_requests["flag"]), int(votes[1]), 0])
 
     monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
-    saves = []
-    trainer = types.SimpleNamespace(
-        world_size=2, global_step=0, strategy=types.SimpleNamespace(root_device=torch.device("cpu")),
-        fit_loop=types.SimpleNamespace(epoch_loop=types.SimpleNamespace()),
-        save_checkpoint=lambda path, **kw: saves.append((trainer.global_step, Path(path).name)))
+    trainer, saves = two_rank_trainer()
     checkpoint = callbacks.PeriodicCheckpoint("ckpts", every_n_steps=0, stop_check_seconds=1.0)
     checkpoint.on_train_start(trainer, None)
     try:
@@ -286,19 +293,13 @@ def test_a_requeue_signal_on_another_rank_hands_over_after_the_agreed_save(monke
     """Two ranks (the other simulated inside the all-reduce): submitit's SIGUSR2 reaches only the
     other rank; at the next agreement both stop, save, and this rank hands over to its submitit
     handler too (on rank 0 it is the one that requeues)."""
-    import types
-
     from scalelong.training import callbacks
 
     def all_reduce(votes, *args, **kwargs):  # the other rank asks for the stop, from the requeue signal
         votes += torch.tensor([1, int(votes[1]), 1])
 
     monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
-    saves = []
-    trainer = types.SimpleNamespace(
-        world_size=2, global_step=0, strategy=types.SimpleNamespace(root_device=torch.device("cpu")),
-        fit_loop=types.SimpleNamespace(epoch_loop=types.SimpleNamespace()),
-        save_checkpoint=lambda path, **kw: saves.append((trainer.global_step, Path(path).name)))
+    trainer, saves = two_rank_trainer()
     checkpoint = callbacks.PeriodicCheckpoint("ckpts", every_n_steps=0, stop_check_seconds=1.0)
     submitit_requeue.at_requeue = lambda: list(saves)
     checkpoint.on_train_start(trainer, None)
