@@ -283,7 +283,8 @@ def bench_lightning(args, device) -> list[dict]:
             self.seconds = (time.perf_counter() - self.t0) / args.steps
 
     torch.manual_seed(0)
-    module = DiffusionModule(build(backbone, preset, "none", shape, **sizes), get_sde("linear"), DataSpace.from_config(dataset),
+    module = DiffusionModule(build(backbone, preset, "none", shape, **sizes), get_sde("linear"),
+                             DataSpace.from_config(dataset),
                              functools.partial(torch.optim.AdamW, lr=2e-4, betas=(0.99, 0.999), weight_decay=0.03),
                              ema_decay=0.9999, channels_last=channels_last_for(backbone, device))
     data = DiffusionDataModule(dataset, args.batch, 0)

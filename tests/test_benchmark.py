@@ -18,7 +18,8 @@ def test_every_part_of_the_benchmark_on_tiny_models(tmp_path, quick_compile, cap
     benchmark = load_script("benchmark")
     code = benchmark.main([
         "--models", "uvit:uvit_tiny,unet:unet_tiny", "--strategies", "none,learnable", "--batch", "2",
-        "--steps", "1", "--warmup", "1", "--lightning-model", "uvit:uvit_tiny:embed_dim=8,depth=1,num_heads=1", "--reference-preset", "uvit_tiny",
+        "--steps", "1", "--warmup", "1", "--lightning-model", "uvit:uvit_tiny:embed_dim=8,depth=1,num_heads=1",
+        "--reference-preset", "uvit_tiny",
         "--sample-batch", "2", "--only", "train,reference,lightning,sampling,data", "--out", str(out)])
     assert code == 0
     # The compile part on the UNet only: each backbone's tracing costs about 7 CPU-seconds, and the
