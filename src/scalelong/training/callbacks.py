@@ -159,7 +159,7 @@ class PeriodicCheckpoint(pl.Callback):
     MAX_STEPS_BETWEEN_AGREEMENTS = 10_000
     # Set by the signal handlers and the agreement (on_train_start resets them).
     _stop_requested = _requeue_requested = _hand_over = False
-    _requeue = None  # (signal, submitit's requeue handler), handed over after the stop's save
+    _requeue = None  # (signal, the cluster's requeue handler), handed over after the stop's save
 
     def __init__(self, dirpath: str | Path, every_n_steps: int, keep_every_n_steps: int | None = None,
                  stop_check_seconds: float = 1.0):
