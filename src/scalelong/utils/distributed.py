@@ -154,6 +154,8 @@ class RankWatch:
     A rank whose parent (rank 0) is still there ends quietly: rank 0 reports for the run.
     """
 
+    PARENT_GRACE_S = 1.0  # how long a failed collective waits to see whether rank 0 is gone
+
     def __init__(self, ending: Callable[[], str], exit_status: int):
         self.ending = ending
         self.exit_status = exit_status
@@ -181,6 +183,11 @@ class RankWatch:
     def _what_stopped(self) -> str | None:
         """A sentence naming the rank that stopped, or None when this rank should stay quiet."""
         if self._parent is not None:  # a rank Lightning started: rank 0 is its parent
+            # A killed rank 0's sockets close (failing this collective) a moment before the kernel
+            # hands this process to a new parent: wait for that moment before deciding.
+            deadline = time.monotonic() + self.PARENT_GRACE_S
+            while not self._parent_is_gone() and time.monotonic() < deadline:
+                time.sleep(0.02)
             return RANK_0_GONE if self._parent_is_gone() else None  # rank 0 is there and reports for the run
         children = _lightning_children()
         if children is not None:  # rank 0 of a Lightning launch: its ranks' exit statuses
