@@ -259,6 +259,46 @@ def test_submitits_requeue_signal_saves_the_step_before_the_job_is_requeued(tmp_
     assert signal.getsignal(signal.SIGUSR2).__name__ == "checkpoint_and_try_requeue"  # submitit's again
 
 
+def test_a_job_submitit_requeues_continues_from_its_saved_step_in_its_own_folder(tmp_path):
+    """End to end through submitit's local executor (cluster=slurm's launcher, with local processes
+    in place of SLURM's): a one-job sweep in the default sweep folder; SIGUSR2, submitit's requeue
+    signal, reaches the job's process after step 5. The job finishes its step, saves, submitit
+    requeues it and starts it again in a new process, which finds the same sweep folder (not a
+    `_2` of its own), continues from the saved step and ends with the weights of a run never
+    interrupted, bit for bit."""
+    common = [*LONG, "train.max_steps=60", "checkpoint.every_n_steps=1000", "seed=1"]
+    launcher = subprocess.Popen([sys.executable, ROOT / "train.py", "-m", "hydra/launcher=submitit_local",
+                                 "hydra.launcher.timeout_min=10", *common], cwd=tmp_path,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        logs = list(tmp_path.glob("outputs/multirun/*/.submitit/*/*_0_log.out"))
+        if logs and "\nstep 5/" in "\n" + logs[0].read_text():
+            break
+        assert launcher.poll() is None, launcher.stderr.read()[-2000:]
+        time.sleep(0.05)
+    job = logs[0].parent.name  # the pid of submitit's local controller; the job's process is its child
+    (task,) = Path(f"/proc/{job}/task/{job}/children").read_text().split()
+    os.kill(int(task), signal.SIGUSR2)
+    _, err = launcher.communicate(timeout=300)
+    assert launcher.returncode == 0, err[-2000:]
+
+    (sweep,) = (tmp_path / "outputs" / "multirun").iterdir()
+    (run,) = [p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    out = logs[0].read_text()
+    assert "Caught signal SIGUSR2" in (logs[0].parent / f"{job}_0_log.err").read_text() and "Requeued job" in out
+    first, again = out.split("Restored all states from the checkpoint")  # the second process resumed once
+    steps = [[int(line.split()[1].split("/")[0]) for line in part.splitlines() if line.startswith("step ")]
+             for part in (first, again)]
+    stop = steps[0][-1]  # the step the first process saved and ended after
+    assert stop >= 5 and steps[1][0] == stop + 1 and steps[1][-1] == 60  # the second continued from it
+    full = train(compose(common, tmp_path / "full"))
+    a, b = final_state(full["checkpoint"]), final_state(run / "checkpoints" / "last.ckpt")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
 def test_lightnings_slurm_requeue_under_srun_comes_after_the_steps_save(tmp_path, monkeypatch):
     """Plain srun (no submitit): Lightning's SLURM auto-requeue owns SIGUSR1. The run finishes its
     step and saves last.ckpt, then Lightning saves its hpc checkpoint and calls `scontrol requeue`

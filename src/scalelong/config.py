@@ -27,7 +27,28 @@ def conf_dir() -> Path:
 # --- resolvers --------------------------------------------------------------------------------
 
 
-_CLAIMED: dict[str, str] = {}  # a new run's folder name -> the folder this process claimed for it
+_CLAIMED: dict[str, str] = {}  # a new folder's name -> the folder this process claimed for it
+
+
+def _claimed(name: str) -> str:
+    """A folder no other run or sweep has: ``name``, else ``name_2``, ``_3``, ..., claimed by
+    creating it (``mkdir`` fails for all but one of several processes wanting the same name), and
+    remembered, so that asking again in this process gives the same folder."""
+    if name not in _CLAIMED:
+        base = Path(name)
+        base.parent.mkdir(parents=True, exist_ok=True)
+        for n in range(1, 10_000):
+            folder = base if n == 1 else base.with_name(f"{base.name}_{n}")
+            try:
+                folder.mkdir()
+            except FileExistsError:
+                continue
+            _CLAIMED[name] = str(folder)
+            break
+        else:
+            raise ConfigError(f"{name} and 9,998 numbered folders beside it exist already; give the run its own "
+                              "folder with hydra.run.dir=... (a sweep: hydra.sweep.dir=...)")
+    return _CLAIMED[name]
 
 
 def _run_folder(resume: str | None, new_folder: str) -> str:
@@ -36,26 +57,18 @@ def _run_folder(resume: str | None, new_folder: str) -> str:
     The new folder's name holds the second the run started, so two runs started in the same
     second with the same data set, model and strategy (``python train.py seed=1 & python train.py
     seed=2``) would share it and overwrite each other's checkpoints and records. So the folder is
-    claimed here, before Hydra writes to it, by creating it: ``new_folder``, else ``new_folder_2``,
-    ``_3``, ... for the runs that come second. Hydra's ``now`` is fixed within a process and this
-    answer is remembered, so resolving the key again gives the same folder."""
-    if resume:
-        return str(resume)
-    if new_folder not in _CLAIMED:
-        base = Path(new_folder)
-        base.parent.mkdir(parents=True, exist_ok=True)
-        for n in range(1, 10_000):
-            folder = base if n == 1 else base.with_name(f"{base.name}_{n}")
-            try:
-                folder.mkdir()
-            except FileExistsError:
-                continue
-            _CLAIMED[new_folder] = str(folder)
-            break
-        else:
-            raise ConfigError(f"{new_folder} and 9,998 numbered folders beside it exist already; give the run its "
-                              "own folder with hydra.run.dir=...")
-    return _CLAIMED[new_folder]
+    claimed here, before Hydra writes to it (``_claimed``): the run that comes second gets
+    ``<name>_2``. Hydra's ``now`` is fixed within a process, so resolving the key again gives the
+    same folder."""
+    return str(resume) if resume else _claimed(new_folder)
+
+
+def _sweep_folder(new_folder: str) -> str:
+    """hydra.sweep.dir: a new sweep's folder, claimed as a run's is, so two sweeps started in the
+    same second do not share one. Registered with OmegaConf's cache: Hydra copies a sweep's
+    resolved values into each job's config (as it does for ``now``), so a job started in another
+    process (submitit) finds the sweep's folder instead of claiming one of its own."""
+    return _claimed(new_folder)
 
 
 def _label_classes(dataset: Mapping[str, Any]) -> int:
@@ -133,6 +146,8 @@ for _name, _fn in (("run_folder", _run_folder), ("label_classes", _label_classes
                    ("snr_shift_for", _snr_shift_for)):
     if not OmegaConf.has_resolver(_name):
         OmegaConf.register_new_resolver(_name, _fn)
+if not OmegaConf.has_resolver("sweep_folder"):
+    OmegaConf.register_new_resolver("sweep_folder", _sweep_folder, use_cache=True)
 
 
 # --- composing from Python ----------------------------------------------------------------------
