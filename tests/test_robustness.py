@@ -92,6 +92,7 @@ def test_preemption_signal_saves_and_exits_cleanly(tmp_path, sig):
     assert resumed["trainer"].global_step == step + 2
 
 
+@pytest.mark.slow
 def test_runs_started_in_the_same_second_get_folders_of_their_own(tmp_path):
     """`python train.py seed=1 & python train.py seed=2`: the default folder's name holds the
     second a run started, the data set, model and strategy, so the two would share it and
@@ -259,6 +260,7 @@ def test_submitits_requeue_signal_saves_the_step_before_the_job_is_requeued(tmp_
     assert signal.getsignal(signal.SIGUSR2).__name__ == "checkpoint_and_try_requeue"  # submitit's again
 
 
+@pytest.mark.slow
 def test_a_job_submitit_requeues_continues_from_its_saved_step_in_its_own_folder(tmp_path):
     """End to end through submitit's local executor (cluster=slurm's launcher, with local processes
     in place of SLURM's): a one-job sweep in the default sweep folder; SIGUSR2, submitit's requeue
