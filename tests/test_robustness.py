@@ -203,6 +203,15 @@ def test_several_processes_agree_on_a_stop_about_every_stop_check_seconds(monkey
     assert trainer.global_step == 21 and saves == [(21, "last.ckpt")]
 
 
+def signal_self_at_step(monkeypatch, step: int, sig: int) -> None:
+    """The in-process run sends itself ``sig`` as step ``step`` starts (its handler runs at once)."""
+    def at_step(self, batch, batch_idx):
+        if self.global_step == step:
+            os.kill(os.getpid(), sig)
+
+    monkeypatch.setattr(DiffusionModule, "on_train_batch_start", at_step, raising=False)
+
+
 class RequeuedTask:
     """A job callable as Hydra's submitit launcher submits it: checkpointable by resubmission."""
 
@@ -247,11 +256,7 @@ def test_submitits_requeue_signal_saves_the_step_before_the_job_is_requeued(tmp_
     """SIGUSR2 under submitit (time limit near): the run finishes its step and saves last.ckpt,
     then submitit requeues the job and exits. Before, its handler requeued and exited at once, in
     the middle of step 4, and the requeued job went back to the last periodic save (none here)."""
-    def signal_at_step_4(self, batch, batch_idx):
-        if self.global_step == 4:
-            os.kill(os.getpid(), signal.SIGUSR2)
-
-    monkeypatch.setattr(DiffusionModule, "on_train_batch_start", signal_at_step_4, raising=False)
+    signal_self_at_step(monkeypatch, 4, signal.SIGUSR2)
     with pytest.raises(SystemExit) as stopped:
         train(compose([*LONG, "train.max_steps=10000", "checkpoint.every_n_steps=1000"], tmp_path / "run"))
     assert stopped.value.code == -1  # submitit's exit after the requeue, not our "stopped by a signal"
@@ -317,11 +322,7 @@ def test_lightnings_slurm_requeue_under_srun_comes_after_the_steps_save(tmp_path
     (tmp_path / "bin" / "scontrol").chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
 
-    def signal_at_step_4(self, batch, batch_idx):
-        if self.global_step == 4:
-            os.kill(os.getpid(), signal.SIGUSR1)
-
-    monkeypatch.setattr(DiffusionModule, "on_train_batch_start", signal_at_step_4, raising=False)
+    signal_self_at_step(monkeypatch, 4, signal.SIGUSR1)
     from pytorch_lightning.utilities.exceptions import SIGTERMException
 
     with pytest.raises(SIGTERMException):
